@@ -1,0 +1,173 @@
+"""Text generation with a key/value cache: greedy, temperature, top-k and top-p sampling, stop tokens,
+and batches of prompts of different lengths (left-padded, so every row's next token is the last column).
+
+    python -m models.generation --model gpt2 --prompt "Shall I compare thee"
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from modules.kv_cache import KVCache
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 32
+    do_sample: bool = False  # False: greedy
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    stop_token_id: Optional[int] = None  # generation of a row ends at this token (not included in its output)
+
+    def __post_init__(self):
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (use do_sample=False for greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def next_token(logits: torch.Tensor, sampling: SamplingConfig, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,)."""
+    if not sampling.do_sample:
+        return logits.argmax(-1)
+    logits = logits.float() / sampling.temperature
+    if sampling.top_k is not None and sampling.top_k < logits.shape[-1]:
+        kth_best = torch.topk(logits, sampling.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if sampling.top_p is not None and sampling.top_p < 1:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the tokens ranked above it already hold top_p of the mass (the best always stays).
+        drop = probs.cumsum(-1) - probs >= sampling.top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompts: Sequence[Sequence[int]],
+    sampling: Optional[SamplingConfig] = None,
+    use_cache: bool = True,
+    pad_token_id: int = 0,
+    generator: Optional[torch.Generator] = None,
+) -> list[list[int]]:
+    """Continues each prompt (a list of token ids); returns the new tokens of each row."""
+    sampling = sampling or SamplingConfig()
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: every prompt needs at least one token")
+    device = model.wte.weight.device
+    batch, prompt_length = len(prompts), max(len(p) for p in prompts)
+    total = prompt_length + sampling.max_new_tokens
+    if total > model.config.n_positions:
+        raise ValueError(
+            f"generate: prompt ({prompt_length} tokens) + max_new_tokens ({sampling.max_new_tokens}) exceeds the "
+            f"model context of {model.config.n_positions}"
+        )
+    ids = torch.full((batch, prompt_length), pad_token_id, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, prompt_length - len(prompt):] = torch.as_tensor(list(prompt), device=device)
+        mask[row, prompt_length - len(prompt):] = 1
+
+    was_training = model.training
+    model.eval()
+    try:
+        step = _cached_steps(model, ids, mask, total) if use_cache else _uncached_steps(model, ids, mask)
+        outputs = [[] for _ in range(batch)]
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        last_hidden = next(step)
+        for _ in range(sampling.max_new_tokens):
+            token = next_token(model.hidden_state_to_token(last_hidden), sampling, generator)
+            token = token.masked_fill(finished, pad_token_id)
+            if sampling.stop_token_id is not None:
+                finished |= token == sampling.stop_token_id
+            for row in (~finished).nonzero().flatten().tolist():
+                outputs[row].append(int(token[row]))
+            if sampling.stop_token_id is not None and finished.all():
+                break
+            last_hidden = step.send(token)
+        return outputs
+    finally:
+        model.train(was_training)
+
+
+def _cached_steps(model, ids, mask, total):
+    """Prefills the prompt once, then feeds one token per step; yields the newest hidden state."""
+    cache = KVCache.for_model(model.config, ids.shape[0], total)
+    token = yield model(ids, mask, cache=cache)["last_token"]
+    one = torch.ones(ids.shape[0], 1, dtype=mask.dtype, device=mask.device)
+    while True:
+        token = yield model(token[:, None], one, cache=cache)["last_token"]
+
+
+def _uncached_steps(model, ids, mask):
+    """Recomputes the whole sequence every step: the reference the cached path is tested against. The prompt
+    mask keeps interventions on the original prompt positions as the sequence grows."""
+    prompt_mask = mask.bool()
+    while True:
+        token = yield model(ids, mask, prompt_mask=prompt_mask)["last_token"]
+        ids = torch.cat([ids, token[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(token)[:, None]], dim=1)
+        prompt_mask = torch.cat([prompt_mask, torch.zeros_like(token, dtype=torch.bool)[:, None]], dim=1)
+
+
+def generate_text(model, tokenizer, prompts: Sequence[str], sampling: Optional[SamplingConfig] = None, **kwargs) -> list[str]:
+    """String-in, string-out convenience over `generate`."""
+    encoded = [tokenizer.encode(p) for p in prompts]
+    new_tokens = generate(model, encoded, sampling, pad_token_id=tokenizer.pad_token_id, **kwargs)
+    return [tokenizer.decode(tokens) for tokens in new_tokens]
+
+
+def main(argv=None) -> None:
+    from models.gpt2 import GPT2Model
+    from models.tokenizer import GPT2Tokenizer
+
+    parser = argparse.ArgumentParser(description="Continue a prompt with GPT-2.")
+    parser.add_argument("--model", default="gpt2", help="hub name, local checkpoint directory, or random:<size>")
+    parser.add_argument("--tokenizer", default=None,
+                        help="directory with vocab.json + merges.txt (default: the model directory, or the hub's gpt2)")
+    parser.add_argument("--prompt", action="append", required=True, help="may be given several times (one batch)")
+    parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16"],
+                        help="bf16 (default) stores the weights in bf16 and runs matmuls in it: faster on CPUs with "
+                        "bf16 support; fp32 reproduces the reference implementation exactly")
+    args = parser.parse_args(argv)
+
+    try:
+        sampling = SamplingConfig(args.max_new_tokens, args.sample, args.temperature, args.top_k, args.top_p)
+    except ValueError as error:
+        parser.error(str(error))
+    model = GPT2Model.from_pretrained(args.model, device=args.device)
+    model.requires_grad_(False).set_precision(args.precision)  # inference only: every weight is frozen
+    tokenizer = GPT2Tokenizer.from_pretrained(args.tokenizer or default_tokenizer_source(args.model))
+    sampling.stop_token_id = tokenizer.eos_token_id
+    generator = torch.Generator(model.wte.weight.device).manual_seed(args.seed)
+    for prompt, text in zip(args.prompt, generate_text(model, tokenizer, args.prompt, sampling, generator=generator)):
+        print(f"{prompt}{text}\n")
+
+
+def default_tokenizer_source(model_name: str) -> str:
+    """A checkpoint directory usually carries its tokenizer files; random and hub models use the hub's gpt2."""
+    from pathlib import Path
+
+    return model_name if Path(model_name).is_dir() else "gpt2"
+
+
+if __name__ == "__main__":
+    main()

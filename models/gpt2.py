@@ -1,0 +1,218 @@
+"""GPT2Model: token + position embeddings, a stack of GPT2Layers, a final LayerNorm, a tied LM head."""
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from models.config import GPT2Config
+from models.loading import (
+    CheckpointError,
+    atomic_save,
+    check_state_dict,
+    hf_to_ours,
+    locate_checkpoint,
+    ours_to_hf,
+    read_config,
+    read_state_dict,
+)
+from modules.attention import build_attention_mask
+from modules.context import ForwardContext
+from modules.gpt2_layer import GPT2Layer
+from modules.kv_cache import KVCache
+
+PRECISIONS = ("fp32", "bf16")
+
+
+class GPT2Model(nn.Module):
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList(GPT2Layer(config, i) for i in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.precision = "fp32"
+        self.apply(self._init_weights)
+        # GPT-2's scaled init: each residual branch's output projection shrinks with depth, so the
+        # residual stream's variance does not grow with the number of layers.
+        for name, param in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    # ------------------------------------------------------------------ forward
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # The residual stream is kept in fp32 even when the embedding table is stored in bf16.
+        return self.drop(self.wte(input_ids).float() + self.wpe(positions).float())
+
+    def encode(self, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """Runs the layers and the final LayerNorm."""
+        for layer in self.h:
+            hidden = layer(hidden, ctx)
+        return self.ln_f(hidden)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        cache: Optional[KVCache] = None,
+        prompt_mask: Optional[torch.Tensor] = None,
+    ) -> dict[str, torch.Tensor]:
+        """input_ids (B, T); attention_mask (B, T), 1 at real tokens, padding on either side.
+
+        Returns `last_hidden_state` (B, T, d), after the final LayerNorm, and `last_token` (B, d), the hidden
+        state at each row's last real token. With a `cache`, the chunk continues the cached sequence.
+        `prompt_mask` marks the prompt tokens interventions may act on; it defaults to the real tokens of a
+        first chunk and to none for a continuation (a decoding step).
+        """
+        ctx = self.make_context(input_ids, attention_mask, cache, prompt_mask)
+        positions = self._positions(input_ids, ctx)
+        with self.autocast():
+            hidden = self.encode(self.embed(input_ids, positions), ctx)
+        if cache is not None:
+            cache.advance(input_ids.shape[1])
+        return {"last_hidden_state": hidden, "last_token": last_real_token(hidden, attention_mask)}
+
+    def hidden_state_to_token(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits through the token embedding (GPT-2 ties its LM head to it)."""
+        with self.autocast():
+            return hidden @ self.wte.weight.t()
+
+    def make_context(self, input_ids, attention_mask, cache, prompt_mask) -> ForwardContext:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+        length = input_ids.shape[1]
+        past = cache.length if cache is not None else 0
+        if past + length > self.config.n_positions:
+            raise ValueError(
+                f"sequence of {past + length} tokens exceeds the model context of {self.config.n_positions}; "
+                "truncate the input (the tokenizer's max_length does this)"
+            )
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}"
+            )
+        chunk_real = (
+            torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        )
+        all_real = chunk_real if cache is None else cache.extend_padding_mask(chunk_real)
+        padded = not bool(all_real.all())
+        if prompt_mask is None and past == 0:
+            prompt_mask = chunk_real
+        if not padded and past == 0:
+            attn_mask, is_causal = None, length > 1  # the fused causal kernel, no mask tensor
+        elif not padded and length == 1:
+            attn_mask, is_causal = None, False  # one new token sees everything before it
+        else:
+            attn_mask, is_causal = build_attention_mask(all_real, length, past), False
+        return ForwardContext(
+            padding_mask=chunk_real if padded else None,
+            prompt_mask=None if prompt_mask is None else prompt_mask.bool(),
+            attn_mask=attn_mask,
+            is_causal=is_causal,
+            cache=cache,
+            past_length=past,
+        )
+
+    def _positions(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        # Positions count real tokens only, so a left-padded row sees the same positions as when run alone
+        # (for right padding this is the usual 0..T-1 at every real token).
+        length = input_ids.shape[1]
+        if ctx.attn_mask is None:
+            return torch.arange(ctx.past_length, ctx.past_length + length, device=input_ids.device)[None]
+        real = ctx.cache.padding_mask[:, : ctx.past_length + length] if ctx.cache is not None else ctx.padding_mask
+        return (real.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+
+    # ------------------------------------------------------------------ precision
+    def autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(device_type=self.wte.weight.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def set_precision(self, precision: str) -> "GPT2Model":
+        """'fp32', or 'bf16': matmuls run in bf16 under autocast and the frozen matrices (Linear layers and
+        the embedding tables with requires_grad False) are stored in bf16 so no call re-casts them.
+        LayerNorms, the residual stream and every trainable parameter stay fp32."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                for param in module.parameters(recurse=False):
+                    if not param.requires_grad:
+                        param.data = param.data.to(torch.bfloat16 if precision == "bf16" else torch.float32)
+        self.precision = precision
+        return self
+
+    # ------------------------------------------------------------------ loading and saving
+    @classmethod
+    def from_pretrained(cls, name_or_path: str = "gpt2", device: str = "cpu") -> "GPT2Model":
+        """Loads a checkpoint (local directory, weights file, or hub name) or builds `random:<size>` weights.
+        Returns the model in eval mode, in fp32; see `set_precision` for bf16."""
+        name = str(name_or_path)
+        if name.startswith("random:"):
+            size = name.split(":", 1)[1]
+            config = GPT2Config.preset(size)
+            warnings.warn(
+                f"GPT2Model: random weights ({size} shape), not a pretrained model; fine for tests and speed "
+                "measurements, meaningless for accuracy", stacklevel=2,
+            )
+            model = cls(config)
+        else:
+            config_path, weights_path = locate_checkpoint(name)
+            model = cls(read_config(config_path))
+            model.load_hf_state_dict(read_state_dict(weights_path), source=str(weights_path))
+        return model.to(resolve_device(device)).eval()
+
+    def load_hf_state_dict(self, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+        ours = hf_to_ours(state, source)
+        expected = self.state_dict()
+        check_state_dict(expected, ours, source)
+        with torch.no_grad():
+            for name, tensor in ours.items():
+                expected[name].copy_(tensor)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Writes config.json + model.safetensors in the hub's layout (readable by transformers too)."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = ours_to_hf({name: t.detach().float().cpu() for name, t in self.state_dict().items()})
+        atomic_save(lambda temp: save_file(state, temp, metadata={"format": "pt"}), directory / "model.safetensors")
+        atomic_save(lambda temp: Path(temp).write_text(self.config.to_json()), directory / "config.json")
+        return directory
+
+
+def last_real_token(hidden: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """hidden (B, T, d) -> (B, d) at each row's last real position, whichever side the padding is on."""
+    if attention_mask is None:
+        return hidden[:, -1]
+    length = hidden.shape[1]
+    last = length - 1 - attention_mask.flip(-1).to(torch.int8).argmax(-1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """'cpu', 'cuda', 'cuda:1' or 'auto' (a GPU when there is one)."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but no CUDA GPU is available; use --device cpu or auto")
+    return device
+
+
+__all__ = ["GPT2Model", "GPT2Config", "CheckpointError", "last_real_token", "resolve_device"]
