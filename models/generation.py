@@ -86,14 +86,14 @@ def generate(
         outputs = [[] for _ in range(batch)]
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         last_hidden = next(step)
-        for _ in range(sampling.max_new_tokens):
+        for produced in range(1, sampling.max_new_tokens + 1):
             token = next_token(model.hidden_state_to_token(last_hidden), sampling, generator)
             token = token.masked_fill(finished, pad_token_id)
             if sampling.stop_token_id is not None:
                 finished |= token == sampling.stop_token_id
             for row in (~finished).nonzero().flatten().tolist():
                 outputs[row].append(int(token[row]))
-            if sampling.stop_token_id is not None and finished.all():
+            if produced == sampling.max_new_tokens or bool(finished.all()):
                 break
             last_hidden = step.send(token)
         return outputs

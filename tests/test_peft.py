@@ -1,0 +1,354 @@
+"""LoRA and the ReFT family on the hand-written GPT-2: structure, parameter counts, identity at the start,
+honest training, merging, positions under padding, adapter files, composition and generation."""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from models.config import GPT2Config
+from models.generation import SamplingConfig, generate
+from models.gpt2 import GPT2Model
+from models.peft import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    MethodConfig,
+    add_method_arguments,
+    adapter_file_size,
+    apply_method,
+    format_parameter_summary,
+    load_adapter,
+    method_config_from_args,
+    parameter_summary,
+    save_adapter,
+    set_lora_merged,
+)
+from modules.lora import LoRAGPT2Layer, LoRALinear
+from modules.reft import ReFTGPT2Layer, select_positions
+from tests.conftest import random_model
+
+ADAPTING = {
+    "lora": MethodConfig("lora", rank=4, targets=("query", "key", "value", "attn_out", "mlp_in", "mlp_out")),
+    "reft": MethodConfig("reft", rank=4),
+    "loreft": MethodConfig("loreft", rank=4, positions="f1+l1"),
+    "loreft-untied": MethodConfig("loreft", rank=4, positions="f2+l2", tie_positions=False),
+    "noreft": MethodConfig("noreft", rank=4, positions="l1", components=("attention", "ffn")),
+    "direft": MethodConfig("direft", rank=4, positions="f1+l1", activation="tanh"),
+    "bitfit": MethodConfig("bitfit"),
+}
+
+
+def fresh(config=None, seed=0):
+    torch.manual_seed(seed)
+    model = random_model("tiny")
+    if config is not None:
+        apply_method(model, copy.deepcopy(config))
+    return model
+
+
+def perturb_trainable(model: nn.Module, seed: int = 1, scale: float = 0.05) -> None:
+    """Moves every trainable tensor away from its (often identity) initialisation."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, param in sorted(model.named_parameters()):
+            if param.requires_grad:
+                param.add_(scale * torch.randn(param.shape, generator=generator))
+
+
+def right_padded(lengths, vocab=50257, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (len(lengths), max(lengths)), generator=generator)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        mask[row, :n] = 1
+    return ids, mask
+
+
+def to_left_padding(ids, mask):
+    left_ids, left_mask = torch.zeros_like(ids), torch.zeros_like(mask)
+    for row in range(ids.shape[0]):
+        n = int(mask[row].sum())
+        left_ids[row, ids.shape[1] - n:], left_mask[row, ids.shape[1] - n:] = ids[row, :n], 1
+    return left_ids, left_mask
+
+
+# ----------------------------------------------------------------------------- structure and counts
+def test_wrappers_freeze_the_layer_and_hold_their_parts_in_module_dicts():
+    lora = fresh(MethodConfig("lora", targets=("query", "value", "mlp_out"), layers=[1]))
+    assert isinstance(lora.h[1], LoRAGPT2Layer) and not isinstance(lora.h[0], LoRAGPT2Layer)
+    assert isinstance(lora.h[1].lora, nn.ModuleDict) and set(lora.h[1].lora) == {"query", "value", "mlp_out"}
+    assert isinstance(lora.h[1].layer.attn.c_attn, LoRALinear)
+    for name, param in lora.h[1].named_parameters():
+        assert param.requires_grad == name.startswith("lora."), name
+    reft = fresh(MethodConfig("reft", components=("attention", "ffn")))
+    layer = reft.h[0]
+    assert isinstance(layer, ReFTGPT2Layer) and isinstance(layer.interventions, nn.ModuleDict)
+    assert set(layer.interventions) == {"attention", "ffn"} and "default" in layer.interventions["ffn"]
+    assert not any(p.requires_grad for p in layer.layer.parameters())
+    assert not reft.wte.weight.requires_grad and not reft.ln_f.weight.requires_grad
+
+
+@pytest.mark.parametrize("config, expected", [
+    # pyreft reports 73,776 for LoReFT rank 4 on all 12 layers of gpt2 with tied positions: 12 * (2*768*4 + 4).
+    (MethodConfig("loreft", rank=4, positions="f1+l1"), 73_776),
+    (MethodConfig("loreft", rank=4, positions="f1+l1", tie_positions=False), 2 * 73_776),
+    (MethodConfig("direft", rank=4, positions="l1"), 73_776),
+    (MethodConfig("reft", rank=8), 12 * 2 * (2 * 768 * 8 + 8)),  # attention and ffn
+    (MethodConfig("lora", rank=8), 12 * 2 * (8 * 768 + 768 * 8)),  # query, value
+    (MethodConfig("lora", rank=8, targets=("query", "key", "value", "attn_out", "mlp_in", "mlp_out"), layers=[0]),
+     4 * (8 * 768 + 768 * 8) + (8 * 768 + 3072 * 8) + (8 * 3072 + 768 * 8)),
+    (MethodConfig("bitfit"), 12 * (3 * 768 + 768 + 4 * 768 + 768 + 2 * 768) + 768),
+    (MethodConfig("last-linear-layer"), 0),
+    (MethodConfig("full"), 124_439_808),
+])
+def test_trainable_counts_equal_the_formulas_at_gpt2_shape(config, expected):
+    model = random_model("gpt2")
+    apply_method(model, config)
+    summary = parameter_summary(model)
+    assert summary["trainable"] == expected
+    assert summary["total"] == 124_439_808 + (0 if config.method in ("full", "bitfit", "last-linear-layer") else expected)
+    assert f"trainable params: {expected:,}" in format_parameter_summary(model)
+
+
+# ----------------------------------------------------------------------------- identity and honest training
+@pytest.mark.parametrize("name", ["lora", "reft", "loreft", "loreft-untied", "noreft", "direft"])
+def test_methods_start_as_the_identity(name):
+    base, adapted = fresh(), fresh(ADAPTING[name])
+    ids, mask = right_padded([9, 5])
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(ids, mask)["last_hidden_state"], base(ids, mask)["last_hidden_state"],
+                                   atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(ADAPTING) + ["last-linear-layer"])
+def test_one_step_changes_only_trainable_tensors(name):
+    config = ADAPTING[name] if name in ADAPTING else MethodConfig(name)
+    model = fresh(config)
+    head = nn.Linear(model.config.n_embd, 3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    ids, mask = right_padded([9, 5, 7])
+    loss = nn.functional.cross_entropy(head(model(ids, mask)["last_token"]), torch.tensor([0, 1, 2]))
+    loss.backward()
+    optimizer.step()
+    after = model.state_dict()
+    reached = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().max() > 0}
+    for key, value in before.items():
+        changed = not torch.equal(value, after[key])
+        if key in reached:
+            assert changed, f"{name}: trainable {key} got a gradient but did not move"
+        elif key not in trainable:
+            assert not changed, f"{name}: frozen {key} changed"
+    assert reached <= trainable
+    assert name == "last-linear-layer" or reached
+
+
+# ----------------------------------------------------------------------------- LoRA merging
+def test_lora_merge_equals_unmerged_and_unmerge_restores_weights():
+    model = fresh(ADAPTING["lora"])
+    perturb_trainable(model)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    ids, mask = right_padded([8, 3])
+    with torch.no_grad():
+        unmerged = model(ids, mask)["last_hidden_state"]
+        set_lora_merged(model, True)
+        merged = model(ids, mask)["last_hidden_state"]
+        assert not torch.equal(model.h[0].layer.attn.c_attn.weight, original["h.0.layer.attn.c_attn.weight"])
+        set_lora_merged(model, False)
+    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=0)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, original[key]), key
+    set_lora_merged(model, True)
+    model.train()
+    with pytest.raises(RuntimeError, match="unmerge"):
+        model(ids, mask)
+
+
+# ----------------------------------------------------------------------------- positions under padding
+def test_select_positions_on_left_and_right_padding():
+    right = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    left = right.flip(-1)
+    slots = [("f", 0), ("f", 1), ("l", 0)]
+    index, valid = select_positions(right, slots)
+    assert index[valid].tolist() == [0, 1, 3, 0, 1, 0]
+    assert valid.tolist() == [[True, True, True], [True, True, False], [True, False, False]]
+    index, valid = select_positions(left, slots)
+    assert index[0].tolist() == [2, 3, 5] and index[1, :2].tolist() == [4, 5] and index[2, 0] == 5
+    assert valid.tolist() == [[True, True, True], [True, True, False], [True, False, False]]
+
+
+@pytest.mark.parametrize("name", ["reft", "loreft", "loreft-untied", "noreft", "direft", "lora"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_batch_gives_each_example_its_own_outputs(name, side):
+    model = fresh(ADAPTING[name])
+    perturb_trainable(model, scale=0.2)
+    ids, mask = right_padded([9, 1, 4, 6])
+    if side == "left":
+        ids, mask = to_left_padding(ids, mask)
+    with torch.no_grad():
+        batch = model(ids, mask)
+        for row in range(ids.shape[0]):
+            real = mask[row].bool()
+            alone = model(ids[row, real][None])
+            torch.testing.assert_close(batch["last_hidden_state"][row, real], alone["last_hidden_state"][0], atol=1e-5, rtol=0)
+            torch.testing.assert_close(batch["last_token"][row], alone["last_token"][0], atol=1e-5, rtol=0)
+
+
+def test_positioned_interventions_act_only_on_their_positions():
+    base, model = fresh(), fresh(MethodConfig("loreft", positions="l1", layers=[1]))
+    perturb_trainable(model, scale=0.5)
+    ids, _ = right_padded([6])
+    with torch.no_grad():
+        edited, plain = model(ids)["last_hidden_state"], base(ids)["last_hidden_state"]
+    # Layer 1 is the last layer: only the last token's state can differ.
+    torch.testing.assert_close(edited[0, :5], plain[0, :5], atol=1e-6, rtol=0)
+    assert (edited[0, 5] - plain[0, 5]).abs().max() > 1e-3
+
+
+def test_loreft_projection_stays_orthonormal_in_fp32_under_bf16():
+    model = fresh(MethodConfig("loreft", rank=4))
+    model.set_precision("bf16")
+    intervention = model.h[0].interventions["ffn"]["default"].interventions[0]
+    assert intervention.rotate.dtype == torch.float32 and intervention.rotate.requires_grad
+    perturb_trainable(model, scale=0.3)
+    rotate = intervention.projection()
+    torch.testing.assert_close(rotate @ rotate.t(), torch.eye(4), atol=1e-5, rtol=0)
+    ids, _ = right_padded([5])
+    assert torch.isfinite(model(ids)["last_hidden_state"]).all()
+
+
+# ----------------------------------------------------------------------------- adapter files
+class TinyClassifier(nn.Module):
+    def __init__(self, gpt):
+        super().__init__()
+        self.gpt = gpt
+        self.head = nn.Linear(gpt.config.n_embd, 2)
+
+    def forward(self, ids, mask):
+        return self.head(self.gpt(ids, mask)["last_token"])
+
+
+@pytest.mark.parametrize("name", list(ADAPTING) + ["last-linear-layer", "full"])
+def test_adapter_reload_reproduces_outputs_exactly(tmp_path, name):
+    config = ADAPTING[name] if name in ADAPTING else MethodConfig(name)
+    model = TinyClassifier(fresh(config))
+    perturb_trainable(model)
+    directory = save_adapter(model, tmp_path / name)
+    saved = json.loads((directory / ADAPTER_CONFIG).read_text())
+    assert saved["methods"][0] == config.to_dict() and saved["base"]["n_embd"] == 64
+    size = adapter_file_size(directory)
+    assert size == (directory / ADAPTER_WEIGHTS).stat().st_size + (directory / ADAPTER_CONFIG).stat().st_size
+    if name not in ("full",):  # only the trained tensors are stored
+        assert (directory / ADAPTER_WEIGHTS).stat().st_size < 4 * parameter_summary(model)["trainable"] + 20_000
+
+    reloaded = TinyClassifier(fresh())  # a freshly loaded base: the method is applied by load_adapter
+    load_adapter(reloaded, directory)
+    ids, mask = right_padded([7, 2, 5])
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids, mask), model(ids, mask))
+
+
+def test_adapter_load_errors(tmp_path):
+    model = TinyClassifier(fresh(ADAPTING["loreft"]))
+    directory = save_adapter(model, tmp_path / "loreft")
+    other_shape = TinyClassifier(GPT2Model(GPT2Config(n_embd=32, n_layer=2, n_head=4)))
+    with pytest.raises(ValueError, match="another shape.*n_embd 64 vs 32"):
+        load_adapter(other_shape, directory)
+    with_lora = TinyClassifier(fresh(ADAPTING["lora"]))
+    with pytest.raises(ValueError, match="already has lora applied"):
+        load_adapter(with_lora, directory)
+    with pytest.raises(FileNotFoundError, match="no adapter config"):
+        load_adapter(TinyClassifier(fresh()), tmp_path / "missing")
+    (directory / ADAPTER_WEIGHTS).write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="cannot read the adapter weights"):
+        load_adapter(TinyClassifier(fresh()), directory)
+
+
+def test_two_reft_adapters_trained_separately_both_apply(tmp_path):
+    first = fresh(MethodConfig("loreft", layers=[1], positions="l1"))
+    perturb_trainable(first, seed=1, scale=0.3)
+    save_adapter(first, tmp_path / "first")
+    second = fresh(MethodConfig("loreft", layers=[0], positions="f1", components=("attention",)))
+    perturb_trainable(second, seed=2, scale=0.3)
+    save_adapter(second, tmp_path / "second")
+
+    both = fresh()
+    load_adapter(both, tmp_path / "first")
+    load_adapter(both, tmp_path / "second", name="second")
+    assert set(both.h[1].interventions["ffn"]) == {"default"} and set(both.h[0].interventions["attention"]) == {"second"}
+    ids, _ = right_padded([6])
+    with torch.no_grad():
+        out_both, out_first, out_second, out_base = (m(ids)["last_hidden_state"][0] for m in (both, first, second, fresh()))
+    # The first adapter edits only the last token's output of the last layer, so every other token is what the
+    # second adapter alone makes of it (its layer-0 edit of the first token reaches them through attention).
+    torch.testing.assert_close(out_both[:5], out_second[:5], atol=1e-6, rtol=0)
+    assert (out_second[:5] - out_base[:5]).abs().max() > 1e-3
+    # The last token carries both edits.
+    assert (out_both[5] - out_first[5]).abs().max() > 1e-4
+    assert (out_both[5] - out_second[5]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="adapter named 'default' is already applied"):
+        load_adapter(both, tmp_path / "second")  # both were saved as 'default': one needs another name
+
+
+# ----------------------------------------------------------------------------- generation
+@pytest.mark.parametrize("name", ["loreft", "loreft-untied", "reft", "lora"])
+def test_generation_with_interventions_cache_equals_no_cache(name):
+    model = fresh(ADAPTING[name])
+    perturb_trainable(model, scale=0.5)
+    prompts = [[5, 17, 400, 33, 9], [101, 7], [7, 7, 7, 2000]]
+    sampling = SamplingConfig(max_new_tokens=12)
+    cached = generate(model, prompts, sampling, use_cache=True)
+    assert cached == generate(model, prompts, sampling, use_cache=False)
+    assert cached != generate(fresh(), prompts, sampling), "the trained interventions must change the output"
+
+
+def test_prompt_interventions_apply_in_the_prefill_only():
+    """With the cache, decoding steps carry no prompt tokens, so a prompt-position intervention is silent
+    there: generating with it equals generating from the base model with the edited prompt states cached."""
+    model = fresh(MethodConfig("loreft", positions="l1"))
+    perturb_trainable(model, scale=0.5)
+    calls = []
+    for layer in model.h:
+        layer.interventions["ffn"]["default"].register_forward_hook(lambda m, args, out: calls.append(args[1].prompt_mask is not None))
+    generate(model, [[5, 17, 400]], SamplingConfig(max_new_tokens=4))
+    assert calls == [True, True] + [False, False] * 3
+
+
+# ----------------------------------------------------------------------------- configuration
+def test_method_config_validation_and_round_trip():
+    config = MethodConfig("loreft", rank=2, layers=[3, 1, 1], positions="f2+l2")
+    assert config.layers == [1, 3] and config.components == ("ffn",) and config.alpha == 2.0
+    assert MethodConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    for bad, message in [
+        (dict(method="prefix"), "unknown method"),
+        (dict(method="loreft", targets=("query",)), "'targets' does not apply to method 'loreft'"),
+        (dict(method="lora", targets=("queries",)), "LoRA targets must be among"),
+        (dict(method="lora", rank=0), "rank must be >= 1"),
+        (dict(method="reft", positions="middle"), "positions must be 'all' or like"),
+        (dict(method="reft", components=("mlp",)), "components must be among"),
+        (dict(method="reft", activation="swish"), "activation must be one of"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            MethodConfig(**bad)
+    with pytest.raises(ValueError, match=r"layers \[5\] do not exist"):
+        apply_method(random_model("tiny"), MethodConfig("lora", layers=[5]))
+
+
+def test_command_line_flags():
+    parser = argparse.ArgumentParser()
+    add_method_arguments(parser)
+    config = method_config_from_args(parser.parse_args(
+        ["--method", "loreft", "--rank", "1", "--layers", "0,2", "--positions", "l3", "--untie-positions"]))
+    assert (config.method, config.rank, config.layers, config.positions, config.tie_positions) == ("loreft", 1, [0, 2], "l3", False)
+    config = method_config_from_args(parser.parse_args(["--method", "lora", "--lora-targets", "query,key", "--rslora"]))
+    assert config.targets == ("query", "key") and config.rslora
+    with pytest.raises(SystemExit):
+        method_config_from_args(parser.parse_args(["--method", "loreft", "--lora-targets", "query"]), parser)
+    with pytest.raises(ValueError, match="--layers must be comma-separated"):
+        method_config_from_args(parser.parse_args(["--method", "lora", "--layers", "first"]))
