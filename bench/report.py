@@ -1,0 +1,356 @@
+"""Turns the raw figures of bench/run.py into ratios, MFU, target checks and the bounds that explain a miss,
+and writes bench/results.json and bench/RESULTS.md."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import common
+
+# name -> (what it is, target, "min" when the figure must reach the target, "max" when it must stay under)
+TARGETS = {
+    "forward_vs_transformers": ("forward tokens/s, ours at its best vs transformers under bf16 autocast", 2.0, "min"),
+    "lora_step_vs_peft": ("LoRA r=8 training step tokens/s vs peft", 3.0, "min"),
+    "loreft_step_vs_pyreft": ("LoReFT r=4 training step tokens/s vs pyreft", 3.0, "min"),
+    "generate_vs_transformers": ("new tokens/s vs transformers generate (worse of batch 1 and 8)", 1.5, "min"),
+    "forward_mfu": ("forward FLOP/s / bf16 matmul peak", 0.5, "min"),
+    "sst_epoch_seconds_loreft": ("one SST epoch with LoReFT, seconds", 60.0, "max"),
+}
+# SST-5 training set as the GPT-2 tokenizer splits it: sentences, tokens, and the forward FLOPs of one pass
+# over them (sum over sentences of forward_flops at their own length), for the epoch-time bound.
+SST_TRAIN = {"sentences": 8544, "tokens": 192463, "forward_flops": 32.89e12}
+BUSY_CORES = 0.25  # other processes' mean load above which a run is flagged as disturbed
+GPT2 = {"n_layer": 12, "d": 768, "vocab": 50257, "params_matmul": 12 * 12 * 768 * 768}
+
+
+def rate(results: dict, figure: str, side: str):
+    entry = results["figures"].get(figure, {}).get(side, {})
+    return entry.get("units_per_s_median")
+
+
+def best_rate(results: dict, figures: list[str], side: str):
+    rates = [(rate(results, f, side), f) for f in figures]
+    rates = [(r, f) for r, f in rates if r is not None]
+    return max(rates) if rates else (None, None)
+
+
+def ratio(ours, peer):
+    return ours / peer if ours is not None and peer else None
+
+
+def forward_flops_per_token(length: int) -> float:
+    return common.forward_flops(GPT2["n_layer"], GPT2["d"], 1, length) / length
+
+
+def step_flops_per_token(method: str) -> float:
+    length = common.STEP_SHAPE[1]
+    return common.train_step_flops(GPT2["n_layer"], GPT2["d"], 1, length, weight_grads=method == "full") / length
+
+
+def derive(results: dict) -> None:
+    """Fills results['ratios'], ['mfu'], ['targets'] and ['bounds'] from the figures measured so far."""
+    ratios, mfu, bounds = {}, {}, {}
+    ours_fwd, ours_fwd_name = best_rate(results, ["forward_bf16", "forward_fp32"], "ours")
+    ratios["forward_vs_transformers"] = ratio(ours_fwd, rate(results, "forward_bf16", "peer"))
+    ratios["forward_fp32_vs_transformers"] = ratio(rate(results, "forward_fp32", "ours"),
+                                                   rate(results, "forward_fp32", "peer"))
+    ratios["full_step_vs_transformers"] = ratio(rate(results, "step_full", "ours"), rate(results, "step_full", "peer"))
+    ratios["lora_step_vs_peft"] = ratio(rate(results, "step_lora", "ours"), rate(results, "step_lora", "peer"))
+    ratios["loreft_step_vs_pyreft"] = ratio(rate(results, "step_loreft", "ours"), rate(results, "step_loreft", "peer"))
+    per_batch = []
+    for batch in (1, 8):
+        names = [f"generate_b{batch}_bf16", f"generate_b{batch}_fp32"]
+        value = ratio(best_rate(results, names, "ours")[0], best_rate(results, names, "peer")[0])
+        ratios[f"generate_vs_transformers_b{batch}"] = value
+        per_batch.append(value)
+    ratios["generate_vs_transformers"] = min(per_batch) if None not in per_batch else None
+
+    peak = results.get("matmul_peak", {}).get("bf16", {}).get("flops_per_s")
+    length = common.FORWARD_SHAPE[1]
+    fwd_flops = forward_flops_per_token(length)
+    if peak:
+        mfu["forward_mfu"] = ours_fwd * fwd_flops / peak if ours_fwd else None
+        mfu["forward_mfu_transformers_bf16"] = (rate(results, "forward_bf16", "peer") or 0) * fwd_flops / peak or None
+        for method in ("full", "lora", "loreft"):
+            flops = step_flops_per_token(method)
+            for side in ("ours", "peer"):
+                value = rate(results, f"step_{method}", side)
+                mfu[f"step_{method}_mfu_{side}"] = value * flops / peak if value else None
+    ratios["forward_mfu"] = mfu.get("forward_mfu")
+
+    sst = {}
+    for method, entry in results.get("sst", {}).items():
+        if entry.get("train_examples", "all") != "all":
+            sst[f"sst_partial_epoch_seconds_{method}"] = entry.get("epoch_seconds")  # a smoke test, no target
+            continue
+        sst[f"sst_epoch_seconds_{method}"] = entry.get("epoch_seconds")
+        sst[f"sst_peak_rss_mib_{method}"] = entry["peak_rss_bytes"] / 2**20 if entry.get("peak_rss_bytes") else None
+
+    targets = []
+    for name, (label, target, sense) in TARGETS.items():
+        value = ratios.get(name) if name in ratios else sst.get(name)
+        met = None if value is None else (value >= target if sense == "min" else value <= target)
+        targets.append({"name": name, "what": label, "target": target, "sense": sense, "value": value, "met": met})
+
+    if peak:
+        bounds.update(flop_bounds(results, peak, fwd_flops))
+    # Decoding at batch 1 streams every weight once per token: bf16 weights, with the LM head (tied wte).
+    weight_bytes = 2 * (GPT2["params_matmul"] + GPT2["vocab"] * GPT2["d"])
+    peer_b1 = best_rate(results, ["generate_b1_bf16", "generate_b1_fp32"], "peer")[0]
+    for key, what in (("gemv_stream", "the rate bf16 matrix-vector products stream weights here"),
+                      ("memory_bandwidth", "the memory copy bandwidth")):
+        rate_bytes = results.get(key, {}).get("bytes_per_s")
+        if rate_bytes:
+            bounds[f"generate_b1_{key}"] = {
+                "ceiling_new_tokens_per_s": rate_bytes / weight_bytes,
+                "ceiling_ratio_vs_peer": ratio(rate_bytes / weight_bytes, peer_b1),
+                "formula": f"{what} / bytes of the bf16 weights read per step (2 * (85M blocks + 38.6M LM head))",
+            }
+    if peak:
+        bounds["sst_epoch_seconds_loreft"] = {
+            "forward_only_seconds_at_peak": SST_TRAIN["forward_flops"] / peak,
+            "full_step_seconds_at_peak": 2 * SST_TRAIN["forward_flops"] / peak,
+            "formula": f"one forward pass over SST's {SST_TRAIN['tokens']:,} training tokens = "
+                       f"{SST_TRAIN['forward_flops'] / 1e12:.1f} TFLOP; a LoReFT step costs 2x that with plain autograd",
+        }
+    results["ratios"] = ratios
+    results["ratios_of_best_steps"] = best_step_ratios(results)
+    results["checks"] = cross_checks(results)
+    results["mfu"] = mfu
+    results["sst_summary"] = sst
+    results["targets"] = targets
+    results["bounds"] = bounds
+    results["flop_formula"] = (
+        "forward FLOPs = B*T*L*(24*d^2 + 4*T*d): 2 FLOPs per multiply-add over the qkv, attention-out and two "
+        "FFN matrices (12*d^2 weights per layer) plus QK^T and AV over the full TxT square; no LM head (the forward "
+        "figure ends at the last hidden state). gpt2, T=128: %.1f MFLOP/token. Training step: 3x forward with "
+        "weight gradients (full), 2x without (LoRA, LoReFT: frozen base, activation gradients only)." % (fwd_flops / 1e6)
+    )
+
+
+def best_step_ratios(results: dict) -> dict:
+    """Ours / peer from each side's fastest step: less sensitive to load from other processes than medians
+    (contention only ever slows a step down), so worth a look when the two disagree."""
+    out = {}
+    for name, figure in results["figures"].items():
+        ours, peer = (figure.get(side, {}).get("units_per_s_best") for side in ("ours", "peer"))
+        out[name] = ratio(ours, peer)
+    return out
+
+
+def cross_checks(results: dict) -> dict:
+    """Both sides must compute the same function on the same weights and inputs, or the timings compare
+    different work: fp32 forward outputs agree closely and fp32 greedy generation picks the same tokens."""
+    checks = {}
+    fwd = results["figures"].get("forward_fp32", {})
+    a, b = (fwd.get(side, {}).get("info", {}).get("output_sample") for side in ("ours", "peer"))
+    if a and b:
+        diff = max(abs(x - y) for x, y in zip(a, b))
+        checks["forward_fp32_max_abs_diff"] = diff
+        checks["forward_fp32_same_function"] = diff < 1e-3
+    for method in ("full", "lora", "loreft"):
+        for side in ("ours", "peer"):
+            info = results["figures"].get(f"step_{method}", {}).get(side, {}).get("info", {})
+            if "parameters_without_gradient" in info:
+                checks[f"step_{method}_{side}_all_trainable_get_gradients"] = info["parameters_without_gradient"] == 0
+    for batch in (1, 8):
+        gen = results["figures"].get(f"generate_b{batch}_fp32", {})
+        a, b = (gen.get(side, {}).get("info", {}).get("first_tokens") for side in ("ours", "peer"))
+        if a and b:
+            checks[f"generate_b{batch}_fp32_same_tokens"] = a == b
+    return checks
+
+
+def flop_bounds(results: dict, peak: float, fwd_flops: float) -> dict:
+    """For each throughput target: the ratio ours would reach at 100% of the measured bf16 matmul peak, and the
+    MFU ours needs to meet the target. A ceiling below the target means no implementation can meet it here."""
+    out = {}
+    step_flops = {m: step_flops_per_token(m) for m in ("full", "lora", "loreft")}
+    for name, figure, flops in (
+        ("forward_vs_transformers", "forward_bf16", fwd_flops),
+        ("lora_step_vs_peft", "step_lora", step_flops["lora"]),
+        ("loreft_step_vs_pyreft", "step_loreft", step_flops["loreft"]),
+        ("full_step_vs_transformers", "step_full", step_flops["full"]),
+    ):
+        peer = rate(results, figure, "peer")
+        if not peer:
+            continue
+        target = TARGETS.get(name, (None, None))[1]
+        ceiling = peak / flops
+        out[name] = {
+            "ceiling_tokens_per_s": ceiling,
+            "ceiling_ratio_vs_peer": ceiling / peer,
+            "peer_mfu": peer * flops / peak,
+            "mfu_needed_for_target": target * peer * flops / peak if target else None,
+        }
+    return out
+
+
+# ---------------------------------------------------------------------------------------- writing
+def write_json(results: dict, path: Path) -> None:
+    atomic_write(path, json.dumps(results, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "w") as out:
+            out.write(text)
+        os.replace(temp, path)
+    except BaseException:
+        os.unlink(temp)
+        raise
+
+
+def fmt(value, digits: int = 2, suffix: str = "") -> str:
+    if value is None:
+        return "—"
+    return f"{value:,.{digits}f}{suffix}"
+
+
+def describe_sst(entry: dict) -> str:
+    if "not_measured" in entry:
+        return f"not measured: {entry['not_measured']}"
+    if "error" in entry:
+        return "failed: " + entry["error"].splitlines()[0]
+    partial = "" if entry.get("train_examples", "all") == "all" else f" ({entry['train_examples']} sentences only)"
+    return (f"epoch{partial} {fmt(entry.get('epoch_seconds'), 1)} s, whole run {fmt(entry.get('wall_seconds'), 1)} s, "
+            f"peak RSS {fmt(entry.get('peak_rss_bytes', 0) / 2**20, 0)} MiB")
+
+
+def summary(results: dict) -> str:
+    lines = ["", "target                          value      target  status"]
+    for t in results["targets"]:
+        status = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
+        lines.append(f"{t['name']:<30} {fmt(t['value']):>8}  {('>=' if t['sense'] == 'min' else '<=')}"
+                     f"{t['target']:<6} {status}")
+    return "\n".join(lines)
+
+
+FIGURE_LABELS = {
+    "forward_fp32": "forward, fp32 (both sides)",
+    "forward_bf16": "forward, bf16 (ours: bf16 weights; transformers: autocast)",
+    "step_full": "training step, full fine-tuning",
+    "step_lora": "training step, LoRA r=8 (peft: c_attn; ours: query,key,value)",
+    "step_loreft": "training step, LoReFT r=4, 12 layers, last position",
+    "generate_b1_bf16": "generate 128 tokens, batch 1, bf16",
+    "generate_b1_fp32": "generate 128 tokens, batch 1, fp32",
+    "generate_b8_bf16": "generate 128 tokens, batch 8, bf16",
+    "generate_b8_fp32": "generate 128 tokens, batch 8, fp32",
+}
+
+
+def write_markdown(results: dict, path: Path) -> None:
+    m = results.get("machine", {})
+    flags = ", ".join(f for f, present in m.get("cpu_flags", {}).items() if present) or "—"
+    peers = results.get("versions", {}).get("peers", {})
+    out = [
+        "# Benchmark results",
+        "",
+        "Written by `python bench/run.py` (see bench/README.md); every figure below is in bench/results.json.",
+        "Ratios are ours / peer, higher is better, from medians of steps timed alternately on both sides.",
+        "",
+        "## Machine",
+        "",
+        f"- CPU: {m.get('cpu_model', '?')}, {m.get('usable_cpus', '?')} usable cores; flags: {flags}",
+        f"- memory: {fmt((m.get('memory_bytes') or 0) / 2**30, 1)} GiB; {m.get('platform', '?')}",
+        f"- python {m.get('python', '?')}, torch {m.get('torch', '?')}, {results.get('settings', {}).get('threads', '?')} "
+        f"threads on both sides; peers: " + (", ".join(f"{k} {v}" for k, v in peers.items()) or "—"),
+        f"- last run: {m.get('date', '?')} (each figure below records its own date, repeats and warmup in "
+        "results.json)",
+    ]
+    peak = results.get("matmul_peak")
+    if peak:
+        out.append(f"- matmul peak (best GEMM of {', '.join(peak['bf16']['per_shape'])}): bf16 "
+                   f"{fmt(peak['bf16']['flops_per_s'] / 1e9, 0)} GFLOP/s, fp32 {fmt(peak['fp32']['flops_per_s'] / 1e9, 0)} GFLOP/s")
+    if results.get("gemv_stream"):
+        out.append(f"- bf16 matrix-vector streaming rate (batch-1 decoding's matmuls, weights beyond the caches): "
+                   f"{fmt(results['gemv_stream']['bytes_per_s'] / 1e9, 1)} GB/s")
+    if results.get("memory_bandwidth"):
+        out.append(f"- memory copy bandwidth: {fmt(results['memory_bandwidth']['bytes_per_s'] / 1e9, 1)} GB/s")
+    disturbed = [name for name, f in results["figures"].items()
+                 if (f.get("other_processes_mean_cores") or 0) > BUSY_CORES]
+    if disturbed:
+        out += ["", f"**Warning: {', '.join(disturbed)} were measured on a busy machine** (other processes kept more "
+                f"than {BUSY_CORES} cores busy meanwhile: column 'load' below). On 2 cores that slows single steps by "
+                "up to 20x, unevenly for the two sides; those medians are unreliable, the fastest-step ratios less so. "
+                "Re-run on a quiet machine for official figures."]
+    out += ["", "## Targets", "", "| figure | value | target | status |", "|---|---|---|---|"]
+    for t in results["targets"]:
+        status = {True: "met", False: "**missed**", None: "not measured"}[t["met"]]
+        value = fmt(t["value"], 3 if "mfu" in t["name"] else 2)
+        out.append(f"| {t['name']} ({t['what']}) | {value} | {'≥' if t['sense'] == 'min' else '≤'} {t['target']} | {status} |")
+    out += ["", "## Ratios", "", "| ratio | ours / peer |", "|---|---|"]
+    for name, value in results["ratios"].items():
+        out.append(f"| {name} | {fmt(value, 3)} |")
+    out += ["", "Ratios of each side's fastest step (contention only slows steps down, so these show the quiet-"
+            "machine picture when the medians were disturbed):", ""]
+    out += [f"- {name}: {fmt(value, 3)}" for name, value in results.get("ratios_of_best_steps", {}).items()]
+    if results.get("checks"):
+        out += ["", "Cross-checks (same weights, same inputs, same function on both sides): "
+                + ", ".join(f"{k} = {v if not isinstance(v, float) else f'{v:.2e}'}" for k, v in results["checks"].items())]
+    out += ["", "## Raw figures", "", "load: cores that other processes kept busy on average while the figure was "
+            "timed (0 on a quiet machine).", "",
+            "| measurement | ours (median / best) | peer (median / best) | unit | load | measured |",
+            "|---|---|---|---|---|---|"]
+    for name, entry in results["figures"].items():
+        cells = []
+        for side in ("ours", "peer"):
+            s = entry.get(side, {})
+            cells.append("error" if "error" in s or "error" in entry else
+                         f"{fmt(s.get('units_per_s_median'), 1)} / {fmt(s.get('units_per_s_best'), 1)}" if s else "—")
+        out.append(f"| {FIGURE_LABELS.get(name, name)} | {cells[0]} | {cells[1]} | {entry.get('unit', '?')}/s | "
+                   f"{fmt(entry.get('other_processes_mean_cores'))} | {entry.get('measured_at', '?')} |")
+    if results["mfu"]:
+        out += ["", "## Model FLOP utilisation (of the bf16 matmul peak)", ""]
+        out += [f"- {name}: {fmt(100 * value if value else None, 1, '%')}" for name, value in results["mfu"].items()]
+        out += ["", results["flop_formula"]]
+    out += ["", "## SST epochs (8,544 sentences, random gpt2 weights, bf16)", "",
+            "| method | epoch seconds | whole run seconds | peak RSS | load |", "|---|---|---|---|---|"]
+    for method, entry in results.get("sst", {}).items():
+        if "not_measured" in entry or "error" in entry:
+            out.append(f"| {method} | {describe_sst(entry)} | | | |")
+        else:
+            partial = "" if entry.get("train_examples", "all") == "all" else f" ({entry['train_examples']} sentences only)"
+            out.append(f"| {method} | {fmt(entry.get('epoch_seconds'), 1)}{partial} | {fmt(entry.get('wall_seconds'), 1)} | "
+                       f"{fmt(entry['peak_rss_bytes'] / 2**20, 0)} MiB | {fmt(entry.get('other_processes_mean_cores'))} |")
+    if not results.get("sst"):
+        out.append("| — | not measured yet (`--only sst`) | | | |")
+    notes = [f"- {method}: {entry[key]}" for method, entry in results.get("sst", {}).items()
+             for key in entry if key.endswith("_note")]
+    out += [""] + notes if notes else []
+    out += ["", "## What bounds the targets", ""] + bound_notes(results)
+    out += ["", "Where our time goes and the levers that remain: see bench/README.md, \"Profile\".", ""]
+    atomic_write(path, "\n".join(out))
+
+
+def bound_notes(results: dict) -> list[str]:
+    notes = []
+    for name, b in results.get("bounds", {}).items():
+        if name == "sst_epoch_seconds_loreft":
+            notes.append(
+                f"- {name}: {b['formula']}: {fmt(b['forward_only_seconds_at_peak'], 0)} s for the forward pass alone "
+                f"at 100% of the bf16 matmul peak, {fmt(b['full_step_seconds_at_peak'], 0)} s for full LoReFT steps. "
+                "The 60 s target is out of reach on this machine for the gpt2 shape, whatever the implementation; "
+                "the no-grad-prefix lever (bench/README.md) brings an epoch near the forward-only figure.")
+            continue
+        if name.startswith("generate_b1"):
+            notes.append(
+                f"- generate, batch 1: reading every weight once per token caps decoding at "
+                f"{fmt(b['ceiling_new_tokens_per_s'], 0)} new tokens/s, "
+                f"{fmt(b['ceiling_ratio_vs_peer'])}x the peer's best ({b['formula']}).")
+            continue
+        target = TARGETS.get(name, (None, None))[1]
+        line = (f"- {name}: doing the same FLOPs as the peer, at 100% of the bf16 matmul peak, ours would reach "
+                f"{fmt(b['ceiling_tokens_per_s'], 0)} tokens/s = {fmt(b['ceiling_ratio_vs_peer'])}x the peer, which "
+                f"already runs at {fmt(100 * b['peer_mfu'], 1)}% MFU.")
+        if target:
+            needed = b["mfu_needed_for_target"]
+            line += (f" The {target}x target needs {fmt(100 * needed, 1)}% MFU"
+                     + (": beyond the peak, so it is reachable only by doing fewer FLOPs than the peer's recipe "
+                        "(see bench/README.md, \"Levers\")." if needed > 1 else "."))
+        notes.append(line)
+    return notes or ["- (no peer figures yet)"]

@@ -1,0 +1,380 @@
+"""The benchmark: ours against transformers / peft / pyreft, on the same weights and inputs, in one run.
+
+    python bench/run.py                      # everything (about 15-30 minutes on 2 cores)
+    python bench/run.py --quick              # fewer repeats, no SST epochs: about 10 minutes
+    python bench/run.py --only forward,generate --repeats 7
+
+Each comparison runs in two long-lived workers, bench/ours.py (this venv) and bench/peers.py
+(bench/.venv-peers, see bench/README.md), each set up once (model built, warmup steps), then timed
+alternately step by step, ours then peer, so that load from elsewhere on the machine hits both alike.
+Figures are medians over the repeats. Results merge into bench/results.json (each figure carries the
+date it was measured) and bench/RESULTS.md is rewritten from it.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import resource
+import shutil
+import time
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(BENCH))
+
+import common  # noqa: E402
+import report  # noqa: E402
+
+GROUPS = ("peak", "forward", "step", "generate", "sst")
+DEFAULT_PEERS_PYTHON = BENCH / ".venv-peers" / "bin" / "python"
+SST_METHODS = ("full", "lora", "reft", "loreft")
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all processes on the machine have spent so far (user + nice + system + irq + softirq +
+    steal), from /proc/stat."""
+    with open("/proc/stat") as stat:
+        fields = [int(v) for v in stat.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """utime + stime of a running process (fields 14 and 15 of /proc/<pid>/stat)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class LoadMeter:
+    """Mean number of cores that processes other than ours kept busy between start() and stop()."""
+
+    def __init__(self, workers):
+        self.pids = [os.getpid()] + [w.process.pid for w in workers if w is not None]
+
+    def ours(self) -> float:
+        return sum(process_cpu_seconds(pid) for pid in self.pids)
+
+    def __enter__(self):
+        self.start = (time.monotonic(), machine_busy_seconds(), self.ours())
+        return self
+
+    def __exit__(self, *exc):
+        wall = time.monotonic() - self.start[0]
+        others = (machine_busy_seconds() - self.start[1]) - (self.ours() - self.start[2])
+        self.other_cores = round(max(others, 0.0) / max(wall, 1e-9), 2)
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds of this process and of its reaped children (the workers, the SST runs)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+class WorkerError(RuntimeError):
+    pass
+
+
+class Worker:
+    """A bench/ours.py or bench/peers.py process answering one JSON request per line."""
+
+    def __init__(self, name: str, python: str, script: Path, threads: int, log_dir: Path):
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self.log = open(self.log_path, "a")  # a restarted worker appends
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
+                   TOKENIZERS_PARALLELISM="false")
+        self.process = subprocess.Popen(
+            [python, str(script), "--worker", "--threads", str(threads)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, bufsize=1, cwd=ROOT, env=env,
+        )
+
+    def request(self, **payload) -> dict:
+        try:
+            self.process.stdin.write(json.dumps(payload) + "\n")
+            self.process.stdin.flush()
+            line = self.process.stdout.readline()
+        except BrokenPipeError:
+            line = ""
+        if not line:
+            raise WorkerError(f"{self.name} worker exited (code {self.process.poll()}); see {self.log_path}:\n"
+                              + self.log_tail())
+        answer = json.loads(line)
+        if not answer.get("ok"):
+            raise WorkerError(f"{self.name} worker failed on {payload.get('case') or payload.get('name')}:\n"
+                              + answer.get("error", "?"))
+        return answer
+
+    def log_tail(self, lines: int = 15) -> str:
+        self.log.flush()
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            try:
+                self.process.stdin.write(json.dumps({"op": "exit"}) + "\n")
+                self.process.stdin.flush()
+                self.process.wait(timeout=60)
+            except (BrokenPipeError, subprocess.TimeoutExpired):
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def summarize(runs: list[dict]) -> dict:
+    rates = [run["units"] / run["seconds"] for run in runs]
+    return {
+        "units_per_s_median": statistics.median(rates),
+        "units_per_s_best": max(rates),
+        "seconds": [round(run["seconds"], 4) for run in runs],
+        "units_per_step": runs[0]["units"],
+    }
+
+
+# ---------------------------------------------------------------------------------------- comparisons
+def comparisons(weights: str, groups: set[str]) -> list[dict]:
+    """Pairs measured side by side: a name, the group, and (case, options) for ours and for the peer."""
+    pairs = []
+    if "forward" in groups:
+        for precision in ("fp32", "bf16"):
+            options = {"weights": weights, "precision": precision}
+            pairs.append({"name": f"forward_{precision}", "group": "forward", "unit": "tokens",
+                          "ours": ("forward", options), "peer": ("forward", options)})
+    if "step" in groups:
+        for method in ("full", "lora", "loreft"):
+            options = {"weights": weights, "method": method}
+            pairs.append({"name": f"step_{method}", "group": "step", "unit": "tokens",
+                          "ours": ("train_step", options), "peer": ("train_step", options)})
+    if "generate" in groups:
+        # The peer at its faster precision is the bar: at batch 1 transformers is often faster in fp32
+        # than under autocast, which re-casts every weight at every step.
+        for batch in (1, 8):
+            for precision in ("bf16", "fp32"):
+                options = {"weights": weights, "precision": precision, "batch": batch}
+                pairs.append({"name": f"generate_b{batch}_{precision}", "group": "generate", "unit": "new tokens",
+                              "ours": ("generate", options), "peer": ("generate", options)})
+    return pairs
+
+
+def measure_pair(pair: dict, ours: Worker, peer: Worker | None, repeats: int, warmup: int) -> dict:
+    sides = {"ours": ours} if peer is None else {"ours": ours, "peer": peer}
+    result = {"measured_at": now(), "unit": pair["unit"], "group": pair["group"], "repeats": repeats, "warmup": warmup}
+    active = {}
+    for side, worker in sides.items():
+        case, options = pair[side]
+        try:
+            answer = worker.request(op="setup", case=case, options=options, warmup=warmup)
+            result[side] = {"info": answer["info"], "worker_peak_rss_bytes": answer["peak_rss_bytes"]}
+            active[side] = worker
+        except WorkerError as error:
+            result[side] = {"error": str(error)}
+            print(f"  {pair['name']}: {side} failed:\n{error}", file=sys.stderr)
+    runs = {side: [] for side in active}
+    with LoadMeter(active.values()) as load:
+        for _ in range(repeats):
+            for side, worker in active.items():  # alternate ours, peer, ours, peer...
+                runs[side].append(worker.request(op="run"))
+    result["other_processes_mean_cores"] = load.other_cores
+    for side in active:
+        result[side].update(summarize(runs[side]))
+    line = ", ".join(f"{side} {result[side]['units_per_s_median']:.1f}" for side in active)
+    print(f"  {pair['name']}: {line} {pair['unit']}/s (median of {repeats}; other processes used "
+          f"{load.other_cores} cores)", flush=True)
+    return result
+
+
+# ---------------------------------------------------------------------------------------- SST epochs
+def sst_epoch(method: str, weights: str, data_dir: Path, tokenizer: Path, work: Path, threads: int,
+              max_examples: int | None = None) -> dict:
+    """One SST training epoch through the project's own training script, in a fresh process so that its
+    peak memory is the method's own."""
+    script = ROOT / "train_sentiment.py"
+    if not script.is_file():
+        return {"not_measured": "train_sentiment.py (the task training code) is not in the repository yet"}
+    if not (data_dir / "ids-sst-train.csv").is_file():
+        return {"not_measured": f"SST data not found in {data_dir}"}
+    output_dir = work / f"sst-{method}"
+    command = [
+        sys.executable, str(script), "--task", "sst", "--model", weights, "--tokenizer", str(tokenizer),
+        "--data-dir", str(data_dir), "--output-dir", str(output_dir), "--predictions-dir", str(work / "predictions"),
+        "--method", method, "--epochs", "1", "--precision", "bf16", "--max-eval-examples", "64", "--seed", "0",
+    ] + (["--max-train-examples", str(max_examples)] if max_examples else [])
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1")
+    log_path = work / f"sst-{method}.log"
+    start = datetime.datetime.now()
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(process.pid, 0)
+    wall = (datetime.datetime.now() - start).total_seconds()
+    if os.waitstatus_to_exitcode(status) != 0:
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
+        return {"error": f"train_sentiment.py exited with {os.waitstatus_to_exitcode(status)}:\n{tail}",
+                "command": " ".join(command)}
+    result = {"wall_seconds": wall, "peak_rss_bytes": usage.ru_maxrss * 1024, "command": " ".join(command),
+              "measured_at": now(), "train_examples": max_examples or "all"}
+    result.update(epoch_seconds_from_log(output_dir / "log.json"))
+    shutil.rmtree(output_dir, ignore_errors=True)  # checkpoints of a random model: nothing worth keeping
+    return result
+
+
+def epoch_seconds_from_log(path: Path) -> dict:
+    """The training seconds of epoch 1 from the trainer's JSON log (whichever name it gives them)."""
+    try:
+        log = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        return {"epoch_seconds": None, "log_error": f"{path}: {error}"}
+    epochs = log.get("epochs", log) if isinstance(log, dict) else log
+    first = epochs[0] if isinstance(epochs, list) and epochs else {}
+    for key in ("train_seconds", "epoch_seconds", "seconds"):
+        if isinstance(first, dict) and isinstance(first.get(key), (int, float)):
+            return {"epoch_seconds": first[key], "epoch_seconds_key": key,
+                    "tokens_per_s": first.get("train_tokens_per_second") or first.get("tokens_per_s")}
+    return {"epoch_seconds": None, "log_error": f"{path}: no per-epoch seconds found"}
+
+
+# ---------------------------------------------------------------------------------------- main
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default=None, help=f"comma-separated groups among {', '.join(GROUPS)} (default: all)")
+    parser.add_argument("--quick", action="store_true", help="3 repeats, 1 warmup step, no SST epochs unless --only asks")
+    parser.add_argument("--repeats", type=int, default=None, help="timed steps per side (default 7, --quick 3)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps after setup (default 2, --quick 1)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads on both sides (default 2)")
+    parser.add_argument("--peers-python", default=str(DEFAULT_PEERS_PYTHON), help="python of the peers' venv")
+    parser.add_argument("--no-peers", action="store_true", help="measure ours only: replaces the figures it measures, without peer figures or ratios")
+    parser.add_argument("--sst-methods", default=",".join(SST_METHODS), help="methods for the SST epochs")
+    parser.add_argument("--sst-examples", type=int, default=None,
+                        help="train the SST epochs on the first N sentences only (a smoke test: such partial "
+                        "epochs are reported but not held against the target)")
+    parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"), help="where ids-sst-train.csv is")
+    parser.add_argument("--tokenizer", default=str(ROOT.parent / "shared" / "gpt2-tokenizer"),
+                        help="directory with vocab.json + merges.txt, for the SST epochs")
+    parser.add_argument("--results", default=str(BENCH / "results.json"), help="merged into if it exists")
+    parser.add_argument("--fresh", action="store_true", help="start results.json afresh instead of merging")
+    args = parser.parse_args(argv)
+    if args.only:
+        groups = {g.strip() for g in args.only.split(",") if g.strip()}
+        unknown = groups - set(GROUPS)
+        if unknown:
+            parser.error(f"--only: unknown groups {sorted(unknown)}; choose among {', '.join(GROUPS)}")
+    else:
+        groups = set(GROUPS) - ({"sst"} if args.quick else set())
+    args.groups = groups
+    args.repeats = args.repeats or (3 if args.quick else 7)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
+        parser.error("--repeats and --threads must be >= 1, --warmup >= 0")
+    if not args.no_peers and groups - {"peak", "sst"} and not Path(args.peers_python).exists():
+        parser.error(f"--peers-python {args.peers_python} does not exist: set up the peers' venv as bench/README.md "
+                     "says, or pass --no-peers")
+    return args
+
+
+def load_results(path: Path, fresh: bool) -> dict:
+    if fresh or not path.is_file():
+        return {"figures": {}, "sst": {}}
+    results = json.loads(path.read_text())
+    results.setdefault("figures", {})
+    results.setdefault("sst", {})
+    return results
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    results_path = Path(args.results)
+    results = load_results(results_path, args.fresh)
+    work = Path(tempfile.mkdtemp(prefix="gpt2-bench-"))
+    weights = str(work / "weights")
+    print(f"bench: groups {', '.join(sorted(args.groups))}; {args.repeats} repeats, {args.warmup} warmup, "
+          f"{args.threads} threads; logs in {work}", flush=True)
+    ours = Worker("ours", sys.executable, BENCH / "ours.py", args.threads, work)
+    peer = None
+    try:
+        results["machine"] = ours.request(op="call", name="machine")["result"]
+        results["settings"] = {
+            "repeats": args.repeats, "warmup": args.warmup, "threads": args.threads,
+            "forward_shape": common.FORWARD_SHAPE, "step_shape": common.STEP_SHAPE,
+            "prompt_length": common.PROMPT_LENGTH, "new_tokens": common.NEW_TOKENS, "seed": common.SEED,
+            "weights": "random gpt2-shaped weights (124M), exported by ours and loaded by both sides",
+        }
+        results.setdefault("versions", {})["ours"] = {"torch": results["machine"]["torch"]}
+        need_weights = args.groups & {"forward", "step", "generate", "sst"}
+        if need_weights:
+            ours.request(op="call", name="export_weights", options={"directory": weights})
+        if not args.no_peers and args.groups - {"peak", "sst"}:
+            peer = Worker("peers", args.peers_python, BENCH / "peers.py", args.threads, work)
+            results["versions"]["peers"] = peer.request(op="call", name="versions")["result"]
+        peaks = []
+        if args.groups & {"peak", "forward"}:  # MFU needs the peak of this same run
+            peaks.append(measure_peak(ours))
+        for pair in comparisons(weights, args.groups):
+            try:
+                results["figures"][pair["name"]] = measure_pair(pair, ours, peer, args.repeats, args.warmup)
+            except WorkerError as error:  # a worker died: record it, restart it for the next pair
+                print(f"  {pair['name']}: {error}", file=sys.stderr)
+                results["figures"][pair["name"]] = {"error": str(error), "measured_at": now()}
+                ours, peer = restart(ours, peer, args, work)
+        if peaks:
+            peaks.append(measure_peak(ours))  # before and after: the best is the machine's ceiling
+            results["matmul_peak"] = {
+                dtype: max((p[dtype] for p in peaks), key=lambda r: r["flops_per_s"]) for dtype in ("bf16", "fp32")
+            }
+            results["matmul_peak"]["measured_at"] = now()
+            results["memory_bandwidth"] = max((p["bandwidth"] for p in peaks), key=lambda r: r["bytes_per_s"])
+            results["gemv_stream"] = max((p["gemv"] for p in peaks), key=lambda r: r["bytes_per_s"])
+    finally:
+        ours.close()
+        if peer is not None:
+            peer.close()
+    if "sst" in args.groups:
+        for method in (m.strip() for m in args.sst_methods.split(",") if m.strip()):
+            print(f"  sst epoch, {method} ...", flush=True)
+            before = (time.monotonic(), machine_busy_seconds(), own_cpu_seconds())
+            results["sst"][method] = sst_epoch(method, weights, Path(args.data_dir), Path(args.tokenizer), work,
+                                               args.threads, args.sst_examples)
+            wall = time.monotonic() - before[0]  # the run is a reaped child: its CPU time is in RUSAGE_CHILDREN
+            others = (machine_busy_seconds() - before[1]) - (own_cpu_seconds() - before[2])
+            results["sst"][method]["other_processes_mean_cores"] = round(max(others, 0.0) / wall, 2)
+            print(f"  sst epoch, {method}: {report.describe_sst(results['sst'][method])}", flush=True)
+    shutil.rmtree(work / "weights", ignore_errors=True)  # 500 MB; the logs stay for a post-mortem
+    report.derive(results)
+    report.write_json(results, results_path)
+    report.write_markdown(results, results_path.with_name("RESULTS.md"))
+    print(report.summary(results))
+    print(f"wrote {results_path} and {results_path.with_name('RESULTS.md')}")
+
+
+def measure_peak(ours: Worker) -> dict:
+    peaks = {dtype: ours.request(op="call", name="matmul_peak", options={"dtype": name})["result"]
+             for dtype, name in (("bf16", "bfloat16"), ("fp32", "float32"))}
+    peaks["bandwidth"] = ours.request(op="call", name="memory_bandwidth")["result"]
+    peaks["gemv"] = ours.request(op="call", name="gemv_stream")["result"]
+    print(f"  matmul peak: bf16 {peaks['bf16']['flops_per_s'] / 1e9:.0f}, fp32 {peaks['fp32']['flops_per_s'] / 1e9:.0f} "
+          f"GFLOP/s; copy bandwidth {peaks['bandwidth']['bytes_per_s'] / 1e9:.1f} GB/s; bf16 gemv streams "
+          f"{peaks['gemv']['bytes_per_s'] / 1e9:.1f} GB/s", flush=True)
+    return peaks
+
+
+def restart(ours: Worker, peer: Worker | None, args, work: Path):
+    ours.close()
+    if peer is not None:
+        peer.close()
+    ours = Worker("ours", sys.executable, BENCH / "ours.py", args.threads, work)
+    peer = None if peer is None else Worker("peers", args.peers_python, BENCH / "peers.py", args.threads, work)
+    return ours, peer
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""The command line the three train_*.py scripts share: one argparse builder, flag checks that name the flag,
+and `main`, which turns the errors a user can fix into one clear line instead of a traceback."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Optional, Sequence
+
+from models.peft import add_method_arguments, method_config_from_args
+from tasks.config import PRECISIONS, TrainConfig
+
+SCRIPTS = {"sentiment": ("sst", "cfimdb"), "paraphrase": ("quora",), "sonnet": ("sonnet",)}
+DESCRIPTIONS = {
+    "sentiment": "Fine-tune GPT-2 to classify sentiment (SST-5: 5 classes, CFIMDB: 2) from its last token.",
+    "paraphrase": "Fine-tune GPT-2 to detect paraphrases (Quora) as a yes/no cloze on its next-token logits.",
+    "sonnet": "Fine-tune GPT-2 on Shakespeare's sonnets and continue held-out sonnets from their first 3 lines.",
+}
+
+
+def script_of(task: str) -> str:
+    for script, tasks in SCRIPTS.items():
+        if task in tasks:
+            return script
+    raise ValueError(f"unknown task {task!r}; choose one of {', '.join(t for ts in SCRIPTS.values() for t in ts)}")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def number_in(low: float, high: float, low_open: bool = False, high_open: bool = True):
+    """A float checker for the range low..high (open or closed ends), with a message naming the range."""
+    def check(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        too_low = value <= low if low_open else value < low
+        too_high = value >= high if high_open else value > high
+        if too_low or too_high or value != value:
+            span = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            raise argparse.ArgumentTypeError(f"must be in {span}, got {text!r}")
+        return value
+    return check
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each default, except unset ones (their help says what happens instead) and ones the help already
+    names."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "(default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def build_parser(script: str, default_task: Optional[str] = None) -> argparse.ArgumentParser:
+    tasks = SCRIPTS[script]
+    defaults = TrainConfig(task=tasks[0])
+    parser = argparse.ArgumentParser(description=DESCRIPTIONS[script], formatter_class=HelpFormatter)
+    if len(tasks) > 1:
+        parser.add_argument("--task", choices=tasks, default=default_task or tasks[0], help="which data set")
+    else:
+        parser.set_defaults(task=tasks[0])
+    inputs = parser.add_argument_group("model and data")
+    inputs.add_argument("--model", default=defaults.model,
+                        help="hub name (gpt2, gpt2-medium, ...), local checkpoint directory, or random:<size>")
+    inputs.add_argument("--tokenizer", default=None, help="directory with vocab.json + merges.txt (default: the model "
+                        "directory if it has them, else the hub's gpt2; offline: ../shared/gpt2-tokenizer)")
+    inputs.add_argument("--data-dir", default=defaults.data_dir, help="directory with the course's data files")
+    inputs.add_argument("--output-dir", default=None, help="run directory for the log and checkpoints "
+                        "(default: runs/<task>-<method>)")
+    inputs.add_argument("--predictions-dir", default=defaults.predictions_dir, help="where prediction files go")
+    inputs.add_argument("--max-length", type=positive_int, default=None,
+                        help="truncate inputs to this many tokens (default: the model context)")
+    inputs.add_argument("--max-train-examples", type=positive_int, default=None,
+                        help="train on the first N examples only (quick runs)")
+    inputs.add_argument("--max-eval-examples", type=positive_int, default=None,
+                        help="evaluate and predict on the first N dev / test examples only (quick runs)")
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--epochs", type=positive_int, default=defaults.epochs, help="passes over the training data")
+    train.add_argument("--lr", type=number_in(0, float("inf"), low_open=True), default=None,
+                       help="peak learning rate (default: 1e-5 for full fine-tuning, 1e-3 for the other methods)")
+    train.add_argument("--batch-size", type=positive_int, default=defaults.batch_size,
+                       help="examples per micro-batch, over all processes together")
+    train.add_argument("--grad-accum", type=positive_int, default=defaults.grad_accum,
+                       help="micro-batches per optimizer step")
+    train.add_argument("--eval-batch-size", type=positive_int, default=defaults.eval_batch_size,
+                       help="examples per batch when predicting (sonnets: prompts generated together)")
+    train.add_argument("--warmup-ratio", type=number_in(0, 1), default=defaults.warmup_ratio,
+                       help="fraction of the steps with a linear warmup; then linear decay to zero")
+    train.add_argument("--weight-decay", type=number_in(0, float("inf")), default=defaults.weight_decay,
+                       help="AdamW's decoupled weight decay, on weight matrices only")
+    train.add_argument("--max-grad-norm", type=number_in(0, float("inf")), default=defaults.max_grad_norm,
+                       help="clip the gradient norm (0: no clipping)")
+    train.add_argument("--dropout", type=number_in(0, 1), default=None,
+                       help="GPT-2's dropout rate (default: the checkpoint's, 0.1)")
+    train.add_argument("--seed", type=int, default=defaults.seed,
+                       help="seeds the initial weights, the batch order, dropout and sampling")
+    train.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:N or auto")
+    train.add_argument("--precision", choices=PRECISIONS, default=defaults.precision,
+                       help="auto: bf16 on a GPU or a CPU with bf16 instructions, else fp32")
+    train.add_argument("--patience", type=positive_int, default=None,
+                       help="early stopping: stop after N evaluations without a better dev metric")
+    train.add_argument("--eval-every", type=positive_int, default=defaults.eval_every,
+                       help="evaluate on dev every N epochs (and after the last)")
+    train.add_argument("--save-every-steps", type=positive_int, default=None,
+                       help="also write the resume checkpoint every N optimizer steps (it is always written after "
+                       "each epoch)")
+    again = train.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue the interrupted run in --output-dir")
+    again.add_argument("--overwrite", action="store_true", help="replace an earlier run in --output-dir")
+
+    if script == "sonnet":
+        generation = parser.add_argument_group("generation")
+        generation.add_argument("--temperature", type=number_in(0, float("inf"), low_open=True),
+                                default=defaults.temperature, help="sampling temperature")
+        generation.add_argument("--top-p", type=number_in(0, 1, low_open=True, high_open=False), default=defaults.top_p,
+                                help="nucleus sampling: sample among the most likely tokens holding this much mass")
+        generation.add_argument("--max-new-tokens", type=positive_int, default=defaults.max_new_tokens,
+                                help="the longest continuation (generation also stops at <|endoftext|>)")
+    add_method_arguments(parser)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainConfig:
+    method = method_config_from_args(args, parser)
+    # Flags are named after TrainConfig's fields; a script without some flags (sampling) keeps their defaults.
+    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+              if f.name != "method" and hasattr(args, f.name)}
+    fields["max_grad_norm"] = args.max_grad_norm or None  # 0 turns clipping off
+    try:
+        return TrainConfig(method=method, **fields)
+    except ValueError as error:
+        parser.error(str(error))
+
+
+def parse_args(task: str, argv: Optional[Sequence[str]] = None) -> TrainConfig:
+    """The TrainConfig that `train_<script>.py argv...` would run for `task`."""
+    parser = build_parser(script_of(task), default_task=task)
+    return config_from_args(parser.parse_args(argv), parser)
+
+
+def main(script: str, argv: Optional[Sequence[str]] = None) -> int:
+    from tasks.trainer import TrainingDiverged, run_training
+
+    parser = build_parser(script)
+    config = config_from_args(parser.parse_args(argv), parser)
+    try:
+        run_training(config.task, config)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; to continue, run the same command with --resume (checkpoint in {config.run_dir}/last)",
+              file=sys.stderr)
+        return 130
+    except (TrainingDiverged, ValueError, OSError) as error:
+        # Problems the user can fix, one clear line each: bad data (DataFormatError), a checkpoint or adapter
+        # that does not fit (CheckpointError, ResumeError), a run directory in use, a missing file or an
+        # unreachable hub (OSError), a diverging run.
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0

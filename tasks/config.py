@@ -1,0 +1,104 @@
+"""Everything one training run needs to know, as one dataclass: built by the command line (tasks/cli.py) or
+directly by code such as compare.py."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from models.peft import MethodConfig
+
+PRECISIONS = ("auto", "fp32", "bf16")
+# Full fine-tuning moves 124M weights and wants a small step; the frozen-base methods train small
+# parts from scratch (or from identity) and want a large one. These are the course's defaults.
+DEFAULT_LR = {"full": 1e-5}
+DEFAULT_PEFT_LR = 1e-3
+
+
+@dataclass
+class TrainConfig:
+    task: str  # sst, cfimdb, quora or sonnet
+    method: MethodConfig = field(default_factory=MethodConfig)
+    model: str = "gpt2"  # hub name, local checkpoint directory, or random:<size>
+    tokenizer: Optional[str] = None  # None: the model directory if it holds vocab.json, else the hub's gpt2
+    data_dir: str = "data"
+    output_dir: Optional[str] = None  # None: runs/<task>-<method>
+    predictions_dir: str = "predictions"
+
+    epochs: int = 10
+    lr: Optional[float] = None  # None: 1e-5 for full fine-tuning, 1e-3 for the other methods
+    batch_size: int = 8  # examples per micro-batch, over all ranks together
+    grad_accum: int = 1  # micro-batches per optimizer step
+    eval_batch_size: int = 32
+    warmup_ratio: float = 0.1  # linear warmup over this fraction of the steps, then linear decay to zero
+    weight_decay: float = 0.0
+    max_grad_norm: Optional[float] = 1.0  # None: no clipping
+    max_length: Optional[int] = None  # None: the model context
+    max_train_examples: Optional[int] = None
+    max_eval_examples: Optional[int] = None
+    seed: int = 11711
+    device: str = "auto"
+    precision: str = "auto"  # auto: bf16 on a GPU or a CPU with bf16 instructions, fp32 otherwise
+    dropout: Optional[float] = None  # None: the checkpoint's (0.1 for GPT-2)
+
+    patience: Optional[int] = None  # stop after this many evaluations without a better dev metric
+    eval_every: int = 1  # evaluate on dev every N epochs (and always after the last)
+    save_every_steps: Optional[int] = None  # also write the resume checkpoint every N optimizer steps
+    resume: bool = False
+    overwrite: bool = False
+
+    # Generation (sonnet): the course's sampling settings.
+    temperature: float = 1.2
+    top_p: float = 0.9
+    max_new_tokens: int = 150
+
+    def __post_init__(self):
+        if isinstance(self.method, dict):
+            self.method = MethodConfig.from_dict(self.method)
+        problems = []
+        for name in ("epochs", "batch_size", "grad_accum", "eval_batch_size", "eval_every", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_length", "max_train_examples", "max_eval_examples", "patience", "save_every_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                problems.append(f"{name} must be >= 1 (or unset), got {value}")
+        if self.lr is not None and not self.lr > 0:
+            problems.append(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            problems.append(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.weight_decay < 0:
+            problems.append(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            problems.append(f"max_grad_norm must be > 0 (or unset), got {self.max_grad_norm}")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            problems.append(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if not self.temperature > 0:
+            problems.append(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.resume and self.overwrite:
+            problems.append("resume and overwrite exclude each other")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR.get(self.method.method, DEFAULT_PEFT_LR)
+
+    def example_limit(self, split: str) -> Optional[int]:
+        """How many examples of a split to use (--max-train-examples / --max-eval-examples): the first N."""
+        return self.max_train_examples if split == "train" else self.max_eval_examples
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) if self.output_dir is not None else Path("runs") / f"{self.task}-{self.method.method}"
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["method"] = self.method.to_dict()
+        out["learning_rate"] = self.learning_rate
+        return out

@@ -1,0 +1,37 @@
+"""Sentiment classification: SST-5 (5 classes) and CFIMDB (2), from GPT-2's hidden state at the last token."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from data.readers import read_sentiment
+from tasks.classification import ClassificationTask, LastTokenClassifier
+
+NUM_LABELS = {"sst": 5, "cfimdb": 2}
+
+
+class SentimentTask(ClassificationTask):
+    metric = "accuracy"
+    f1_average, f1_name = "macro", "macro_f1"
+    prediction_column = "Predicted_Sentiment"
+
+    def __init__(self, name: str):
+        if name not in NUM_LABELS:
+            raise ValueError(f"unknown sentiment data set {name!r}; choose one of {', '.join(NUM_LABELS)}")
+        self.name = self.file_stem = name
+        self.num_labels = NUM_LABELS[name]
+
+    def read_rows(self, path: Path, require_labels: bool) -> list:
+        return read_sentiment(path, labels=range(self.num_labels), require_labels=require_labels)
+
+    def encode_row(self, tokenizer, row, max_length: int) -> tuple[list[int], bool]:
+        """A text too long for the context keeps its end, the part the last token has just read (reviews tend
+        to conclude there)."""
+        ids = tokenizer.encode(row.text) or [tokenizer.eos_token_id]  # an empty text still needs one token
+        if len(ids) <= max_length:
+            return ids, False
+        return ids[len(ids) - max_length:], True
+
+    def build_model(self, gpt: nn.Module, tokenizer) -> nn.Module:
+        return LastTokenClassifier(gpt, self.num_labels)

@@ -1,0 +1,328 @@
+"""The shared training loop: batching, schedule, gradient accumulation, checkpoints and resuming, the NaN
+stop, early stopping, the best checkpoint, the log and the RunResult compare.py reads."""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from models.tokenizer import GPT2Tokenizer
+from tasks import get_task
+from tasks.batching import bucketed_batches, pad, sorted_batches
+from tasks.checkpoint import ResumeError, checkpoint_path
+from tasks.cli import parse_args
+from tasks.distributed import Distributed, interleave
+from tasks.config import TrainConfig
+from tasks.trainer import (
+    Trainer,
+    TrainingDiverged,
+    resolve_precision,
+    run_training,
+    set_dropout,
+    tokenizer_source,
+    warmup_then_decay,
+)
+from tests.conftest import random_model
+from tests.test_task_fixtures import base_args, one_thread, run_script, task_files  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.filterwarnings("ignore:GPT2Model. random weights")
+TIMING_FIELDS = ("train_seconds", "train_tokens_per_second", "dev_seconds")
+
+
+def config_for(tmp_path, task_files, task="sst", **overrides):
+    return parse_args(task, base_args(tmp_path, task_files, **overrides))
+
+
+def trained_tensors(run_dir):
+    return torch.load(checkpoint_path(run_dir), weights_only=True)["trainable"]
+
+
+def without_timings(history):
+    return [{k: v for k, v in entry.items() if k not in TIMING_FIELDS} for entry in history]
+
+
+# ----------------------------------------------------------------------------------------------- batching
+def test_bucketed_batches_hold_every_example_exactly_once_per_epoch():
+    lengths = [(i * 37) % 101 + 1 for i in range(1003)]
+    for epoch in range(3):
+        batches = bucketed_batches(lengths, batch_size=8, seed=5, epoch=epoch, bucket_batches=10)
+        flat = [i for batch in batches for i in batch]
+        assert sorted(flat) == list(range(len(lengths)))
+        assert all(1 <= len(batch) <= 8 for batch in batches)
+        assert sum(len(batch) < 8 for batch in batches) <= 1
+        assert len(batches) == math.ceil(len(lengths) / 8)
+
+
+def test_bucketed_batches_depend_on_seed_and_epoch_only():
+    lengths = list(range(1, 300))
+    assert bucketed_batches(lengths, 4, seed=1, epoch=0) == bucketed_batches(lengths, 4, seed=1, epoch=0)
+    assert bucketed_batches(lengths, 4, seed=1, epoch=0) != bucketed_batches(lengths, 4, seed=1, epoch=1)
+    assert bucketed_batches(lengths, 4, seed=1, epoch=0) != bucketed_batches(lengths, 4, seed=2, epoch=0)
+
+
+def test_bucketing_pads_far_less_than_random_batches_but_keeps_the_order_random():
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(3, 120, (4000,), generator=generator).tolist()
+
+    def padding(batches):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+    bucketed = bucketed_batches(lengths, 16, seed=0, epoch=0)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    random_batches = [order[i:i + 16] for i in range(0, len(order), 16)]
+    assert padding(bucketed) < 0.1 * padding(random_batches)
+    # Batch lengths are not sorted across the epoch: consecutive batches go up and down.
+    longest = [max(lengths[i] for i in b) for b in bucketed]
+    rises = sum(b > a for a, b in zip(longest, longest[1:]))
+    assert 0.3 < rises / (len(longest) - 1) < 0.7
+
+
+def test_sorted_batches_and_pad():
+    batches = sorted_batches([3, 1, 4, 1, 5], batch_size=2)
+    assert batches == [[4, 2], [0, 1], [3]]
+    ids, mask = pad([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_interleave_undoes_sharding():
+    items = list(range(11))
+    shares = [Distributed(rank, 3).shard(items) for rank in range(3)]
+    assert shares[1] == [1, 4, 7, 10]
+    assert interleave(shares) == items
+
+
+# ----------------------------------------------------------------------------------------------- schedule
+def test_warmup_then_linear_decay():
+    factor = warmup_then_decay(total_steps=10, warmup_steps=4)
+    values = [factor(step) for step in range(10)]
+    assert values[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert values[4:] == pytest.approx([1.0, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6])
+    assert warmup_then_decay(5, 0)(0) == 1.0 and warmup_then_decay(5, 0)(4) == pytest.approx(0.2)
+
+
+# ----------------------------------------------------------------------------------------------- set-up
+def test_tokenizer_defaults_to_the_model_directory_when_it_has_one(tmp_path):
+    from tests.tiny_tokenizer import write_tiny_tokenizer
+
+    write_tiny_tokenizer(tmp_path / "model")
+    assert tokenizer_source(TrainConfig(task="sst", model=str(tmp_path / "model"))) == str(tmp_path / "model")
+    assert tokenizer_source(TrainConfig(task="sst", model=str(tmp_path))) == "gpt2"
+    assert tokenizer_source(TrainConfig(task="sst", model="random:tiny", tokenizer="tok")) == "tok"
+
+
+def test_set_dropout_reaches_every_dropout_of_the_base_model():
+    gpt = random_model("tiny")
+    set_dropout(gpt, 0.0)
+    rates = [m.p for m in gpt.modules() if isinstance(m, nn.Dropout)]
+    rates += [m.dropout for m in gpt.modules() if isinstance(getattr(m, "dropout", None), float)]
+    assert len(rates) == 1 + 3 * gpt.config.n_layer and set(rates) == {0.0}
+    gpt.train()
+    ids = torch.randint(0, 1000, (2, 9))
+    torch.testing.assert_close(gpt(ids)["last_hidden_state"], gpt(ids)["last_hidden_state"])  # deterministic
+
+
+def test_precision_auto_and_explicit():
+    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
+    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    assert resolve_precision("auto", torch.device("cpu")) in ("bf16", "fp32")
+
+
+# ----------------------------------------------------------------------------------------------- steps
+def test_accumulated_micro_batches_give_the_gradient_of_one_big_batch(tmp_path, task_files):
+    """The loss is normalised by the terms of the whole optimizer step, so micro-batches of 3 + 3 or 1 + 5
+    accumulate the gradient of one batch of 6 (compared before the optimizer, which would amplify rounding
+    noise in gradients that are zero in exact arithmetic)."""
+    gradients = []
+    for name, group in (("one", [[0, 1, 2, 3, 4, 5]]), ("two", [[0, 1, 2], [3, 4, 5]]), ("odd", [[0], [1, 2, 3, 4, 5]])):
+        config = config_for(tmp_path / name, task_files, max_grad_norm=0)
+        trainer = Trainer(get_task("sst"), config, Distributed(), torch.device("cpu"))
+        trainer.setup()
+        trainer.model.train()
+        named = [(n, p) for n, p in trainer.model.named_parameters() if p.requires_grad]
+        trainer.optimizer.step = lambda: gradients.append({n: p.grad.clone() for n, p in named})
+        with pytest.warns(UserWarning, match="lr_scheduler.step"):  # the optimizer step was replaced
+            trainer.train_step(group, trainer.splits["train"])
+    assert len(gradients) == 3
+    for other in gradients[1:]:
+        for name, tensor in gradients[0].items():
+            torch.testing.assert_close(other[name], tensor, rtol=1e-4, atol=1e-7)
+
+
+def test_bf16_stores_the_frozen_base_in_bf16_and_trains_in_fp32(tmp_path, task_files):
+    config = config_for(tmp_path, task_files, precision="bf16", method="lora", epochs=1, max_train_examples=8)
+    trainer = Trainer(get_task("sst"), config, Distributed(), torch.device("cpu"))
+    trainer.setup()
+    trainable = [p for p in trainer.model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    frozen = [m.weight for m in trainer.gpt.modules() if isinstance(m, (nn.Linear, nn.Embedding))]
+    assert frozen and all(w.dtype == torch.bfloat16 for w in frozen if not w.requires_grad)
+    assert trainer.gpt.wte.weight.dtype == torch.bfloat16
+    trainer.model.train()
+    trainer.train_step([[0, 1, 2, 3]], trainer.splits["train"])
+    states = [trainer.optimizer.state[p] for p in trainable]
+    assert all(s["exp_avg"].dtype == torch.float32 and s["exp_avg_sq"].dtype == torch.float32 for s in states)
+
+
+# ----------------------------------------------------------------------------------------------- a whole run
+def test_run_writes_log_best_adapter_predictions_and_reports_what_compare_needs(tmp_path, task_files):
+    config = config_for(tmp_path, task_files, method="lora", epochs=2)
+    result = run_training("sst", config)
+    log = json.loads((tmp_path / "run" / "log.json").read_text())
+    assert log["status"] == "finished" and [e["epoch"] for e in log["epochs"]] == [1, 2]
+    for entry in log["epochs"]:
+        assert {"train_loss", "train_seconds", "train_tokens_per_second", "lr", "dev"} <= set(entry)
+        assert set(entry["dev"]) == {"accuracy", "macro_f1"}
+    assert log["config"]["method"]["method"] == "lora" and log["parameters"]["trainable"] == result.trainable_params
+    # Every training example is seen once per epoch: the epoch's real tokens are the training set's.
+    train = get_task("sst").load(config, GPT2Tokenizer.from_pretrained(task_files.tokenizer), 1024).splits["train"]
+    assert [e["train_tokens"] for e in log["epochs"]] == [sum(x.length for x in train)] * 2
+    assert (tmp_path / "run" / "best" / "adapter.safetensors").is_file()
+    assert result.stopped == "finished" and result.metric == "accuracy" and len(result.epoch_seconds) == 2
+    assert 0 < result.trainable_params < result.total_params
+    assert result.adapter_bytes > 4 * result.trainable_params  # fp32 tensors + the JSON config
+    assert result.train_tokens_per_second > 0 and result.peak_memory_bytes > 0
+    assert result.inference_seconds_per_example > 0
+    assert result.best_dev_metric == result.dev_metrics["accuracy"]
+    assert (tmp_path / "predictions" / "lora-sst-dev-out.csv").is_file()
+    assert json.loads(json.dumps(result.to_dict()))["task"] == "sst"
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's resettable peak RSS")
+def test_peak_memory_is_the_runs_own_not_the_processes(tmp_path, task_files):
+    """compare.py runs several methods in one process: an earlier, larger peak must not leak into a run."""
+    ballast = b"\x01" * (768 * 2**20)  # written, so resident: the process's peak RSS grows by 768 MiB
+    del ballast
+    process_peak = int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+    result = run_training("sst", config_for(tmp_path, task_files, max_train_examples=4))
+    assert 0 < result.peak_memory_bytes < process_peak - 256 * 2**20
+
+
+def test_final_predictions_come_from_the_best_checkpoint(tmp_path, task_files, monkeypatch):
+    """The dev metric is made to get worse every epoch, so epoch 1 is the best: the final predictions must be
+    made with epoch 1's weights, not the last ones."""
+    task = get_task("sst")
+    calls, seen = [], []
+    real_metrics, real_predict = task.metrics, task.predict
+
+    def worse_each_epoch(examples, predictions):
+        calls.append(1)
+        return {**real_metrics(examples, predictions), "accuracy": 1.0 / len(calls)}
+
+    def recording_predict(model, examples, *args, **kwargs):
+        seen.append(model.head.weight.detach().clone())
+        return real_predict(model, examples, *args, **kwargs)
+
+    monkeypatch.setattr(task, "metrics", worse_each_epoch)
+    monkeypatch.setattr(task, "predict", recording_predict)
+    config = config_for(tmp_path, task_files, epochs=3, lr=1e-2)
+    result = run_training(task, config)
+    assert result.best_epoch == 1 and [e["best"] for e in result.epochs] == [True, False, False]
+    best = load_file(tmp_path / "run" / "best" / "adapter.safetensors")["head.weight"]
+    last = trained_tensors(tmp_path / "run")["head.weight"]
+    assert not torch.equal(best, last)
+    assert torch.equal(seen[0], best)  # epoch 1's evaluation
+    assert torch.equal(seen[-1], best) and torch.equal(seen[-2], best)  # final dev and test predictions
+
+
+def test_early_stopping_after_patience_evaluations_without_improvement(tmp_path, task_files, monkeypatch):
+    task = get_task("sst")
+    monkeypatch.setattr(task, "metrics", lambda examples, predictions: {"accuracy": 0.5, "macro_f1": 0.1})
+    code, out, _ = run_script_with(task, monkeypatch, base_args(tmp_path, task_files, epochs=6, patience=2))
+    assert code == 0
+    log = json.loads((tmp_path / "run" / "log.json").read_text())
+    assert log["status"] == "early stopping" and len(log["epochs"]) == 3 and log["best_epoch"] == 1
+    assert "early stopping: no better dev accuracy for 2 evaluations" in out
+
+
+def run_script_with(task, monkeypatch, args):
+    """Runs the sentiment script with `task` (patched by the caller) in place of the registry's SST task."""
+    import tasks
+
+    monkeypatch.setattr(tasks, "get_task", lambda name: task)
+    return run_script("sentiment", args)
+
+
+def test_nan_loss_stops_with_a_clear_message(tmp_path, task_files):
+    code, out, err = run_script("sentiment", base_args(tmp_path, task_files, lr=1e30, epochs=2))
+    assert code == 1
+    assert err.startswith("error: training stopped: the loss") and "is not finite at epoch 1, step " in err
+    assert "lower --lr" in err and "Traceback" not in err
+    assert json.loads((tmp_path / "run" / "log.json").read_text())["status"] == "diverged"
+    config = config_for(tmp_path / "again", task_files, lr=1e30)
+    with pytest.raises(TrainingDiverged):
+        run_training("sst", config)
+
+
+# ----------------------------------------------------------------------------------------------- resuming
+def interrupt_at_step(monkeypatch, step: int):
+    """Makes training raise KeyboardInterrupt (as Ctrl-C would) just before optimizer step `step` (1-based)."""
+    real_step = Trainer.train_step
+    count = {"steps": 0}
+
+    def train_step(self, group, train):
+        count["steps"] += 1
+        if count["steps"] == step:
+            raise KeyboardInterrupt
+        return real_step(self, group, train)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+
+
+@pytest.mark.parametrize("save_every_steps, stop_at", [(None, 9), (2, 4)], ids=["epoch-boundary", "mid-epoch"])
+def test_an_interrupted_run_resumed_ends_where_an_uninterrupted_one_does(tmp_path, task_files, monkeypatch,
+                                                                         save_every_steps, stop_at):
+    """24 examples in batches of 4: 6 steps an epoch. Dropout stays on, so the RNG state must be restored too."""
+    options = dict(epochs=3, dropout=0.1, lr=1e-3, save_every_steps=save_every_steps, method="lora")
+    assert run_script("sentiment", base_args(tmp_path / "straight", task_files, **options))[0] == 0
+
+    interrupted = base_args(tmp_path / "interrupted", task_files, **options)
+    with monkeypatch.context() as patch:
+        interrupt_at_step(patch, stop_at)
+        code, _, err = run_script("sentiment", interrupted)
+    assert code == 130 and "--resume" in err
+    saved = torch.load(checkpoint_path(tmp_path / "interrupted" / "run"), weights_only=True)["progress"]
+    assert saved["step"] == (6 if save_every_steps is None else 2)
+    code, out, _ = run_script("sentiment", interrupted + ["--resume"])
+    assert code == 0 and "resumed from" in out
+
+    straight, resumed = trained_tensors(tmp_path / "straight" / "run"), trained_tensors(tmp_path / "interrupted" / "run")
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=0)
+    logs = [json.loads((tmp_path / d / "run" / "log.json").read_text()) for d in ("straight", "interrupted")]
+    assert without_timings(logs[1]["epochs"]) == without_timings(logs[0]["epochs"])
+    assert (tmp_path / "straight" / "predictions" / "lora-sst-dev-out.csv").read_text() == \
+        (tmp_path / "interrupted" / "predictions" / "lora-sst-dev-out.csv").read_text()
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, task_files):
+    assert run_script("sentiment", base_args(tmp_path, task_files, method="bitfit"))[0] == 0
+    code, _, err = run_script("sentiment", base_args(tmp_path, task_files, method="lora", resume=True))
+    assert code == 1 and "was made by a different run" in err and "method: checkpoint" in err
+    config = config_for(tmp_path, task_files, method="bitfit", resume=True, seed=3)
+    with pytest.raises(ResumeError, match="seed: checkpoint 11711, now 3"):
+        run_training("sst", config)
+
+
+def test_resume_without_a_checkpoint_says_so(tmp_path, task_files):
+    code, _, err = run_script("sentiment", base_args(tmp_path, task_files, resume=True))
+    assert code == 1 and "--resume: no checkpoint at" in err
+
+
+def test_a_finished_run_is_not_overwritten_without_resume_or_overwrite(tmp_path, task_files):
+    args = base_args(tmp_path, task_files)
+    assert run_script("sentiment", args)[0] == 0
+    before = (tmp_path / "run" / "log.json").read_text()
+    code, _, err = run_script("sentiment", args)
+    assert code == 1 and "already holds a run" in err and "--overwrite" in err
+    assert (tmp_path / "run" / "log.json").read_text() == before
+    code, out, _ = run_script("sentiment", args + ["--resume"])  # nothing left to train: predicts again
+    assert code == 0 and "already finished" in out
+    assert run_script("sentiment", args + ["--overwrite", "--epochs", "2"])[0] == 0
+    assert len(json.loads((tmp_path / "run" / "log.json").read_text())["epochs"]) == 2
