@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: models/, modules/
 
@@ -91,41 +90,44 @@ def method_config(method: str):
     return MethodConfig(method)
 
 
-def train_step_case(weights: str, method: str) -> common.Case:
-    """One step of sentiment training: GPT-2 + a Linear head on the last token, bf16, our AdamW."""
+def train_step_case(weights: str, method: str, plain: bool = False) -> common.Case:
+    """One step of sentiment training as the trainer runs it: the task's LastTokenClassifier (GPT-2 + a Linear head
+    on the last token; the model picks its cheaper last-token path where that is exact), bf16, our AdamW.
+    `plain` reads the last token off the full forward pass instead, to measure what that path saves."""
     from models.peft import apply_method, parameter_summary
+    from tasks.classification import LastTokenClassifier
 
     gpt = load_model(weights)
     apply_method(gpt, method_config(method))
-    gpt.set_precision("bf16").train()
-    head = nn.Linear(gpt.config.n_embd, common.NUM_LABELS)
-    params = [p for p in list(gpt.parameters()) + list(head.parameters()) if p.requires_grad]
+    model = LastTokenClassifier(gpt, common.NUM_LABELS)
+    gpt.set_precision("bf16")
+    model.train()
+    forward = (lambda ids, mask: model.head(gpt(ids, mask)["last_token"].float())) if plain else model
+    params = [p for p in model.parameters() if p.requires_grad]
     optimizer, optimizer_name = make_optimizer(params)
     ids = common.token_batch(*common.STEP_SHAPE)
     labels = common.label_batch(common.STEP_SHAPE[0])
     mask = torch.ones_like(ids)
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = head(gpt(ids, mask)["last_token"])
-        loss = F.cross_entropy(logits.float(), labels)
-        loss.backward()
+        F.cross_entropy(forward(ids, mask), labels).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return ids.numel()
 
     # Every trainable parameter (the method's and the head's) must get a gradient, as on the peers' side.
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        F.cross_entropy(head(gpt(ids, mask)["last_token"]).float(), labels).backward()
+    F.cross_entropy(forward(ids, mask), labels).backward()
     without_gradient = sum(p.numel() for p in params if p.grad is None)
     optimizer.zero_grad(set_to_none=True)
-    trainable = sum(p.numel() for p in params)
+    head_parameters = sum(p.numel() for p in model.head.parameters())
+    suffix = gpt.trainable_suffix_length()
     return common.Case(step, {
         "parameters_without_gradient": without_gradient,
         "method": method_config(method).to_dict(),
-        "trainable_parameters": trainable,
-        "head_parameters": sum(p.numel() for p in head.parameters()),
-        "total_parameters": parameter_summary(gpt)["total"] + sum(p.numel() for p in head.parameters()),
+        "last_token_path": "plain" if plain or suffix is None else f"gradients for the last {suffix} tokens only",
+        "trainable_parameters": sum(p.numel() for p in params),
+        "head_parameters": head_parameters,
+        "total_parameters": parameter_summary(gpt)["total"] + head_parameters,
         "optimizer": optimizer_name,
     })
 

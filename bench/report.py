@@ -3,11 +3,10 @@ and writes bench/results.json and bench/RESULTS.md."""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import common
+from data.atomic import atomic_write
 
 # name -> (what it is, target, "min" when the figure must reach the target, "max" when it must stay under)
 TARGETS = {
@@ -189,20 +188,13 @@ def flop_bounds(results: dict, peak: float, fwd_flops: float) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- writing
+def write_text(path: Path, text: str) -> None:
+    with atomic_write(path) as out:
+        out.write(text)
+
+
 def write_json(results: dict, path: Path) -> None:
-    atomic_write(path, json.dumps(results, indent=2, sort_keys=False) + "\n")
-
-
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "w") as out:
-            out.write(text)
-        os.replace(temp, path)
-    except BaseException:
-        os.unlink(temp)
-        raise
+    write_text(path, json.dumps(results, indent=2, sort_keys=False) + "\n")
 
 
 def fmt(value, digits: int = 2, suffix: str = "") -> str:
@@ -324,7 +316,7 @@ def write_markdown(results: dict, path: Path) -> None:
     out += [""] + notes if notes else []
     out += ["", "## What bounds the targets", ""] + bound_notes(results)
     out += ["", "Where our time goes and the levers that remain: see bench/README.md, \"Profile\".", ""]
-    atomic_write(path, "\n".join(out))
+    write_text(path, "\n".join(out))
 
 
 def bound_notes(results: dict) -> list[str]:

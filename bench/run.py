@@ -28,6 +28,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
+sys.path.insert(0, str(ROOT))  # the project itself (data.atomic, models, ...)
 
 import common  # noqa: E402
 import report  # noqa: E402
@@ -35,6 +36,9 @@ import report  # noqa: E402
 GROUPS = ("peak", "forward", "step", "generate", "sst")
 DEFAULT_PEERS_PYTHON = BENCH / ".venv-peers" / "bin" / "python"
 SST_METHODS = ("full", "lora", "reft", "loreft")
+# Options beyond each method's defaults, matching the training-step benchmark: LoReFT rank 4 on all 12 layers
+# at the last position (its default, f1+l1, also edits the first token).
+SST_METHOD_FLAGS = {"loreft": ["--positions", "l1"]}
 
 
 def machine_busy_seconds() -> float:
@@ -209,7 +213,7 @@ def sst_epoch(method: str, weights: str, data_dir: Path, tokenizer: Path, work: 
     command = [
         sys.executable, str(script), "--task", "sst", "--model", weights, "--tokenizer", str(tokenizer),
         "--data-dir", str(data_dir), "--output-dir", str(output_dir), "--predictions-dir", str(work / "predictions"),
-        "--method", method, "--epochs", "1", "--precision", "bf16", "--max-eval-examples", "64", "--seed", "0",
+        "--method", method, *SST_METHOD_FLAGS.get(method, []), "--epochs", "1", "--precision", "bf16", "--max-eval-examples", "64", "--seed", "0",
     ] + (["--max-train-examples", str(max_examples)] if max_examples else [])
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1")
     log_path = work / f"sst-{method}.log"

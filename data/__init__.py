@@ -1,6 +1,7 @@
 """The CS224n GPT-2 project's data files: readers and writers (`data.readers`) and, for users with internet
 access, `python -m data.download`. Data files themselves live in data/ (or --data-dir) and are never
 committed."""
+from data.atomic import atomic_save, atomic_write
 from data.readers import (
     PARAPHRASE_COLUMN,
     SENTIMENT_COLUMN,
@@ -13,7 +14,6 @@ from data.readers import (
     ReadReport,
     SentimentExample,
     Sonnet,
-    atomic_write,
     default_paths,
     read_paraphrase,
     read_predictions,
@@ -27,7 +27,7 @@ from data.readers import (
 
 __all__ = [
     "PARAPHRASE_COLUMN", "SENTIMENT_COLUMN", "SENTIMENT_LABELS", "TASK_FILES", "DataFormatError", "Examples",
-    "MalformedRowsWarning", "ParaphraseExample", "ReadReport", "SentimentExample", "Sonnet", "atomic_write",
+    "MalformedRowsWarning", "ParaphraseExample", "ReadReport", "SentimentExample", "Sonnet", "atomic_save", "atomic_write",
     "default_paths", "read_paraphrase", "read_predictions", "read_sentiment", "read_sonnets", "write_paraphrase",
     "write_predictions", "write_sentiment", "write_sonnets",
 ]

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
+from data.atomic import atomic_write
 from data.readers import (
     SENTIMENT_LABELS,
     TASK_FILES,
@@ -34,7 +35,6 @@ from data.readers import (
     ParaphraseExample,
     PathLike,
     SentimentExample,
-    atomic_write,
     read_paraphrase,
     read_sentiment,
     read_sonnets,

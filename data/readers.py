@@ -18,12 +18,12 @@ import io
 import os
 import re
 import sys
-import uuid
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Generic, Iterable, Iterator, Optional, Sequence, TypeVar, Union
+
+from data.atomic import atomic_write
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -335,43 +335,6 @@ def read_sonnets(path: PathLike) -> list[Sonnet]:
 
 
 # ---------------------------------------------------------------------------------------------- writing
-
-
-@contextmanager
-def atomic_write(path: PathLike, mode: str = "w") -> Iterator:
-    """Opens a temporary file beside `path` ("w": UTF-8 text with "\\n" line ends, or "wb"); when the block
-    ends without error the data is flushed, fsynced and moved over `path` in one step, so readers see the old
-    file or the new one, never half of one. On error the temporary file is removed and `path` is untouched."""
-    if mode not in ("w", "wb"):
-        raise ValueError(f"atomic_write mode must be 'w' or 'wb', not {mode!r}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    text = {"encoding": "utf-8", "newline": ""} if mode == "w" else {}
-    try:
-        with open(temp, mode.replace("w", "x"), **text) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    # Makes the rename itself durable; not every platform can open a directory, which is harmless.
-    try:
-        descriptor = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
 
 
 def _plain(value, what: str) -> str:

@@ -10,10 +10,10 @@ from typing import Optional
 import torch
 from torch import nn
 
+from data.atomic import atomic_save
 from models.config import GPT2Config
 from models.loading import (
     CheckpointError,
-    atomic_save,
     check_state_dict,
     hf_to_ours,
     locate_checkpoint,
@@ -25,6 +25,7 @@ from modules.attention import build_attention_mask
 from modules.context import ForwardContext
 from modules.gpt2_layer import GPT2Layer
 from modules.kv_cache import KVCache
+from modules.reft import PositionedIntervention
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -86,6 +87,59 @@ class GPT2Model(nn.Module):
             cache.advance(input_ids.shape[1])
         return {"last_hidden_state": hidden, "last_token": last_real_token(hidden, attention_mask)}
 
+    def last_token(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, d): what `forward(...)["last_token"]` returns. While gradients are recorded and only each row's last
+        k prompt tokens can depend on a trainable parameter (`trainable_suffix_length`), it is computed by
+        `forward_trainable_suffix` instead: the same values and gradients for a fraction of the training cost."""
+        k = self.trainable_suffix_length() if torch.is_grad_enabled() else None
+        if k is None or k >= input_ids.shape[1]:
+            return self(input_ids, attention_mask)["last_token"]
+        return self.forward_trainable_suffix(input_ids, attention_mask, k)
+
+    def trainable_suffix_length(self) -> Optional[int]:
+        """k when every trainable parameter of the model belongs to interventions at the last k prompt tokens
+        ('l1', 'l3', ...): then training can change the hidden states of those tokens only. None when anything
+        else trains (full, bitfit, LoRA, interventions at 'all' or first tokens) or nothing does."""
+        k, covered = 0, set()
+        for module in self.modules():
+            if isinstance(module, PositionedIntervention):
+                params = [p for p in module.parameters() if p.requires_grad]
+                if not params:
+                    continue
+                if module.slots is None or any(side != "l" for side, _ in module.slots):
+                    return None
+                k = max(k, len(module.slots))
+                covered.update(id(p) for p in params)
+        if k == 0 or any(p.requires_grad and id(p) not in covered for p in self.parameters()):
+            return None
+        return k
+
+    def forward_trainable_suffix(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                                 k: int) -> torch.Tensor:
+        """`forward(...)["last_token"]` for a model whose trainable parameters act on the last k prompt tokens only
+        (see `trainable_suffix_length`), with gradients recorded for those k tokens only.
+
+        Why it is exact: attention is causal, so a token's hidden states depend on the tokens up to it and the
+        parameters acting on those alone; no trainable parameter acts before the last k prompt tokens, so nothing
+        computed there has a gradient. Rows are first moved to left padding (positions count real tokens only,
+        so no output changes), which puts every row's last k tokens in the last k columns. The columns before
+        run through every layer without recording gradients and leave their keys and values in a cache; the last
+        k columns then run with gradients, attending to the cached keys and values, and the interventions find
+        their slots among them (the prompt's last k tokens). Autograd keeps (B, k, d) activations instead of
+        (B, T, d) and back-propagates through k tokens instead of T.
+        """
+        batch, length = input_ids.shape
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        input_ids, mask = left_align(input_ids, mask)
+        split = length - k
+        cache = KVCache.for_model(self.config, batch, length)
+        with torch.no_grad():
+            no_prompt = torch.zeros_like(mask[:, :split], dtype=torch.bool)  # no intervention acts here
+            self(input_ids[:, :split], mask[:, :split], cache=cache, prompt_mask=no_prompt)
+        cache.freeze()  # the suffix's keys carry gradients: concatenated to the cached ones, not written in place
+        suffix_mask = mask[:, split:]
+        return self(input_ids[:, split:], suffix_mask, cache=cache, prompt_mask=suffix_mask.bool())["last_token"]
+
     def hidden_state_to_token(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits through the token embedding (GPT-2 ties its LM head to it)."""
         with self.autocast():
@@ -136,7 +190,21 @@ class GPT2Model(nn.Module):
         real = ctx.cache.padding_mask[:, : ctx.past_length + length] if ctx.cache is not None else ctx.padding_mask
         return (real.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
 
-    # ------------------------------------------------------------------ precision
+    # ------------------------------------------------------------------ dropout and precision
+    def set_dropout(self, rate: float) -> "GPT2Model":
+        """Sets the base model's dropout rate (embeddings, attention probabilities, residual branches), overriding
+        the checkpoint's. The parts a method adds (LoRA, interventions) keep their own rate."""
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {rate}")
+        self.config.dropout = rate
+        self.drop.p = rate
+        for layer in self.modules():
+            if isinstance(layer, GPT2Layer):
+                layer.attn.dropout = rate  # a number: SDPA applies it to the attention probabilities
+                layer.attn.resid_dropout.p = rate
+                layer.mlp.dropout.p = rate
+        return self
+
     def autocast(self):
         if self.precision == "bf16":
             return torch.autocast(device_type=self.wte.weight.device.type, dtype=torch.bfloat16)
@@ -200,9 +268,20 @@ def last_real_token(hidden: torch.Tensor, attention_mask: Optional[torch.Tensor]
     """hidden (B, T, d) -> (B, d) at each row's last real position, whichever side the padding is on."""
     if attention_mask is None:
         return hidden[:, -1]
-    length = hidden.shape[1]
-    last = length - 1 - attention_mask.flip(-1).to(torch.int8).argmax(-1)
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last_real_index(attention_mask)]
+
+
+def last_real_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) mask -> (B,) time index of each row's last real token."""
+    return attention_mask.shape[1] - 1 - attention_mask.flip(-1).to(torch.int8).argmax(-1)
+
+
+def left_align(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rolls each row so that its last real token is in the last column: right padding becomes left padding."""
+    length = input_ids.shape[1]
+    shift = length - 1 - last_real_index(attention_mask)
+    source = (torch.arange(length, device=input_ids.device)[None] - shift[:, None]) % length
+    return input_ids.gather(1, source), attention_mask.gather(1, source)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -215,4 +294,4 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return device
 
 
-__all__ = ["GPT2Model", "GPT2Config", "CheckpointError", "last_real_token", "resolve_device"]
+__all__ = ["GPT2Model", "GPT2Config", "CheckpointError", "last_real_token", "left_align", "resolve_device"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -140,18 +139,3 @@ def describe_names(names: list[str], limit: int = 8) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def atomic_save(write, path: Path) -> None:
-    """Calls write(temp_path) for a temp file beside `path`, then renames it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(temp)
-        with open(temp, "rb") as file:
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.unlink(temp)
-        raise

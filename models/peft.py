@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from models.gpt2 import GPT2Model
-from models.loading import atomic_save
+from data.atomic import atomic_save
 from modules.lora import LORA_TARGETS, LoRAGPT2Layer
 from modules.reft import ACTIVATIONS, COMPONENTS, PositionedIntervention, ReFTGPT2Layer, parse_positions
 

@@ -19,6 +19,7 @@ class KVCache:
         self.values: torch.Tensor | None = None
         self.padding_mask: torch.Tensor | None = None
         self.length = 0  # positions filled so far
+        self.frozen = False  # see freeze()
 
     @classmethod
     def for_model(cls, config, batch_size: int, max_length: int) -> "KVCache":
@@ -37,8 +38,17 @@ class KVCache:
         self.padding_mask[:, self.length:end] = chunk_mask
         return self.padding_mask[:, :end]
 
+    def freeze(self) -> None:
+        """Later chunks attend to the cached positions without being stored: `update` returns the cached keys and
+        values concatenated with the chunk's. For a chunk that records gradients: written in place into this one
+        buffer, each layer's keys would bump the version of the tensors earlier layers saved for backward."""
+        self.frozen = True
+
     def update(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor):
         """Stores this chunk's keys/values (B, H, T, hd) for one layer; returns all cached ones so far."""
+        if self.frozen:
+            return (torch.cat([self.keys[layer_idx, :, :, :self.length], keys], dim=2),
+                    torch.cat([self.values[layer_idx, :, :, :self.length], values], dim=2))
         if self.keys is None:
             self.keys = torch.empty(self.shape, dtype=keys.dtype, device=keys.device)
             self.values = torch.empty(self.shape, dtype=values.dtype, device=values.device)
@@ -48,5 +58,6 @@ class KVCache:
         return self.keys[layer_idx, :, :, :end], self.values[layer_idx, :, :, :end]
 
     def advance(self, length: int) -> None:
-        """Called once every layer has stored the chunk."""
-        self.length += length
+        """Called once every layer has stored the chunk (a frozen cache stored nothing)."""
+        if not self.frozen:
+            self.length += length

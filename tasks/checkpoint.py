@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 import torch
 
-from models.loading import atomic_save
+from data.atomic import atomic_save
 
 CHECKPOINT_FORMAT = "gpt2-peft-training-checkpoint"
 RUN_FILES = ("log.json", "best", "last")

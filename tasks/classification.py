@@ -29,8 +29,9 @@ class LastTokenClassifier(nn.Module):
                 self.head.bias.zero_()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, T) ids and mask -> (B, num_labels) fp32 logits. The head stays fp32 whatever the precision."""
-        last = self.gpt(input_ids, attention_mask)["last_token"]
+        """(B, T) ids and mask -> (B, num_labels) fp32 logits. The head stays fp32 whatever the precision.
+        `gpt.last_token` skips the gradient work a method training only last-token interventions does not need."""
+        last = self.gpt.last_token(input_ids, attention_mask)
         return self.head(last.float())
 
 

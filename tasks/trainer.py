@@ -29,7 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from models.gpt2 import GPT2Model
-from models.loading import atomic_save
+from data.atomic import atomic_save
 from models.peft import (
     adapter_file_size,
     apply_method,
@@ -96,17 +96,6 @@ def tokenizer_source(config: TrainConfig) -> str:
         return config.tokenizer
     model_dir = Path(config.model)
     return str(model_dir) if (model_dir / "vocab.json").is_file() else "gpt2"
-
-
-def set_dropout(gpt: GPT2Model, rate: float) -> None:
-    """Overrides the checkpoint's dropout rate everywhere in the base model (before a method adds its parts,
-    which have their own --method-dropout)."""
-    gpt.config.dropout = rate
-    for module in gpt.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = rate
-        elif isinstance(getattr(module, "dropout", None), float):  # attention passes its rate to SDPA
-            module.dropout = rate
 
 
 def warmup_then_decay(total_steps: int, warmup_steps: int):
@@ -234,7 +223,7 @@ class Trainer:
                              f"than the vocabulary of the model {config.model} ({gpt.config.vocab_size}); pass the "
                              "tokenizer that belongs to the model")
         if config.dropout is not None:
-            set_dropout(gpt, config.dropout)
+            gpt.set_dropout(config.dropout)
         apply_method(gpt, config.method)
         self.model = self.task.build_model(gpt, self.tokenizer).to(self.device)
         self.gpt = gpt.set_precision(self.precision)
@@ -326,7 +315,7 @@ class Trainer:
         return self.status != "running" or self.progress["epoch"] >= self.config.epochs
 
     def train_epoch(self, epoch: int) -> None:
-        config, task, train = self.config, self.task, self.splits["train"]
+        config, train = self.config, self.splits["train"]
         batches = bucketed_batches([e.length for e in train], config.batch_size, config.seed, epoch)
         groups = [batches[i:i + config.grad_accum] for i in range(0, len(batches), config.grad_accum)]
         first_group = self.progress["batch"] // config.grad_accum

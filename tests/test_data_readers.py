@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from data import readers
+from data.atomic import atomic_save
 from data.readers import (
     PARAPHRASE_COLUMN,
     SENTIMENT_COLUMN,
@@ -324,6 +325,23 @@ def test_atomic_write_creates_parents_and_replaces(tmp_path):
     with readers.atomic_write(target, "wb") as handle:
         handle.write(b"two")
     assert target.read_bytes() == b"two" and list(target.parent.iterdir()) == [target]
+
+
+def test_atomic_save_gives_plain_file_permissions_and_cleans_up_on_error(tmp_path):
+    target = tmp_path / "weights.bin"
+    atomic_save(lambda temp: temp.write_bytes(b"tensor"), target)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.read_bytes() == b"tensor"
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
+
+    def half_written(temp):
+        temp.write_bytes(b"half")
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        atomic_save(half_written, target)
+    assert target.read_bytes() == b"tensor" and list(tmp_path.iterdir()) == [target]
 
 
 # ---------------------------------------------------------------------------------------------- sonnets

@@ -2,8 +2,6 @@
 precision and input checks."""
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 

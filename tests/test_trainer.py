@@ -24,7 +24,6 @@ from tasks.trainer import (
     TrainingDiverged,
     resolve_precision,
     run_training,
-    set_dropout,
     tokenizer_source,
     warmup_then_decay,
 )
@@ -118,7 +117,7 @@ def test_tokenizer_defaults_to_the_model_directory_when_it_has_one(tmp_path):
 
 def test_set_dropout_reaches_every_dropout_of_the_base_model():
     gpt = random_model("tiny")
-    set_dropout(gpt, 0.0)
+    gpt.set_dropout(0.0)
     rates = [m.p for m in gpt.modules() if isinstance(m, nn.Dropout)]
     rates += [m.dropout for m in gpt.modules() if isinstance(getattr(m, "dropout", None), float)]
     assert len(rates) == 1 + 3 * gpt.config.n_layer and set(rates) == {0.0}
