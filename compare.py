@@ -26,6 +26,7 @@ import shlex
 import statistics
 import sys
 import traceback
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -144,8 +145,8 @@ def run_isolated(method: str, config) -> dict:
     """run_one in a fresh process, so that each method's peak memory is its own (on a CPU the peak RSS of a
     process only grows: memory an earlier method used stays counted)."""
     context = multiprocessing.get_context("spawn")  # a clean interpreter: no forked torch threads or state
-    with context.Pool(1) as pool:
-        return pool.apply(run_one, (method, config))
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(run_one, method, config).result()
 
 
 def reusable(entry: Optional[dict], config) -> bool:

@@ -266,6 +266,8 @@ def parse_args(argv=None):
     parser.add_argument("--tokenizer", default=str(ROOT.parent / "shared" / "gpt2-tokenizer"),
                         help="directory with vocab.json + merges.txt, for the SST epochs")
     parser.add_argument("--results", default=str(BENCH / "results.json"), help="merged into if it exists")
+    parser.add_argument("--report-only", action="store_true",
+                        help="measure nothing: rewrite RESULTS.md and the derived figures of results.json from its raw ones")
     parser.add_argument("--fresh", action="store_true", help="start results.json afresh instead of merging")
     args = parser.parse_args(argv)
     if args.only:
@@ -299,6 +301,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     results_path = Path(args.results)
     results = load_results(results_path, args.fresh)
+    if args.report_only:
+        return write_report(results, results_path)
     work = Path(tempfile.mkdtemp(prefix="gpt2-bench-"))
     weights = str(work / "weights")
     print(f"bench: groups {', '.join(sorted(args.groups))}; {args.repeats} repeats, {args.warmup} warmup, "
@@ -353,6 +357,10 @@ def main(argv=None) -> None:
             results["sst"][method]["other_processes_mean_cores"] = round(max(others, 0.0) / wall, 2)
             print(f"  sst epoch, {method}: {report.describe_sst(results['sst'][method])}", flush=True)
     shutil.rmtree(work / "weights", ignore_errors=True)  # 500 MB; the logs stay for a post-mortem
+    write_report(results, results_path)
+
+
+def write_report(results: dict, results_path: Path) -> None:
     report.derive(results)
     report.write_json(results, results_path)
     report.write_markdown(results, results_path.with_name("RESULTS.md"))
