@@ -359,5 +359,11 @@ def bound_notes(results: dict) -> list[str]:
                      + (": beyond the peak, so it is reachable only by doing fewer FLOPs than the peer's recipe "
                         "(see bench/README.md, \"Levers\")." if needed > 1 else
                         f"; ours runs at {fmt(100 * b['ours_mfu'], 1)}%." if b.get("ours_mfu") else "."))
+            forward_mfu = results.get("mfu", {}).get("forward_mfu")
+            if b.get("fewer_flops_than_peer") and forward_mfu and forward_mfu < needed <= 1:
+                line += (f" The {fmt(100 * needed, 1)}% needed is above the {fmt(100 * forward_mfu, 1)}% of our inference "
+                         "forward pass, which bounds this "
+                         "step in practice: the step is that forward pass in training mode (with dropout's random "
+                         "masks) plus a backward, a head and an optimizer step, so it cannot run at a higher MFU.")
         notes.append(line)
     return notes or ["- (no peer figures yet)"]
