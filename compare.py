@@ -26,7 +26,6 @@ import shlex
 import statistics
 import sys
 import traceback
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -116,7 +115,7 @@ def parse_command(argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, di
     taken = [str(c.run_dir) for c in configs.values() if not (c.resume or c.overwrite)
              and any((c.run_dir / name).exists() for name in ckpt.RUN_FILES)]
     if taken:
-        own.error(f"{', '.join(taken)} already hold runs: pass --resume (finished runs are reused, interrupted ones "
+        own.error(f"{', '.join(taken)}: earlier runs are there: pass --resume (finished runs are reused, interrupted ones "
                   "continued), --overwrite, or another --output-dir")
     return args, configs
 
@@ -145,8 +144,32 @@ def run_isolated(method: str, config) -> dict:
     """run_one in a fresh process, so that each method's peak memory is its own (on a CPU the peak RSS of a
     process only grows: memory an earlier method used stays counted)."""
     context = multiprocessing.get_context("spawn")  # a clean interpreter: no forked torch threads or state
-    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        return pool.submit(run_one, method, config).result()
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_child, args=(method, config, send), name=f"compare-{method}")
+    child.start()
+    send.close()  # the child holds the only writing end: its exit ends recv() with EOFError
+    try:
+        return receive.recv()
+    except EOFError:
+        child.join()
+        error = f"the training process exited with code {child.exitcode} before reporting a result"
+        print(f"{method} failed: {error}", file=sys.stderr)
+        return {"method": method, "config": comparable(config), "result": None, "error": error}
+    finally:  # also on Ctrl-C, which reaches the child too: never leave it behind
+        child.join(timeout=10)
+        if child.is_alive():
+            child.terminate()
+            child.join()
+        receive.close()
+
+
+def _child(method: str, config, send) -> None:
+    try:
+        send.send(run_one(method, config))
+    except KeyboardInterrupt:
+        pass  # the parent reports the interruption once
+    finally:
+        send.close()
 
 
 def reusable(entry: Optional[dict], config) -> bool:

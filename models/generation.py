@@ -6,6 +6,7 @@ and batches of prompts of different lengths (left-padded, so every row's next to
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -128,9 +129,9 @@ def generate_text(model, tokenizer, prompts: Sequence[str], sampling: Optional[S
     return [tokenizer.decode(tokens) for tokens in new_tokens]
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     from models.gpt2 import GPT2Model
-    from models.tokenizer import GPT2Tokenizer
+    from models.tokenizer import GPT2Tokenizer, tokenizer_source
 
     parser = argparse.ArgumentParser(description="Continue a prompt with GPT-2.")
     parser.add_argument("--model", default="gpt2", help="hub name, local checkpoint directory, or random:<size>")
@@ -149,25 +150,26 @@ def main(argv=None) -> None:
                         "bf16 support; fp32 reproduces the reference implementation exactly")
     args = parser.parse_args(argv)
 
+    if not args.sample and (args.temperature != 1.0 or args.top_k is not None or args.top_p is not None):
+        parser.error("--temperature, --top-k and --top-p shape sampling: add --sample (without it decoding is greedy)")
     try:
         sampling = SamplingConfig(args.max_new_tokens, args.sample, args.temperature, args.top_k, args.top_p)
     except ValueError as error:
         parser.error(str(error))
-    model = GPT2Model.from_pretrained(args.model, device=args.device)
-    model.requires_grad_(False).set_precision(args.precision)  # inference only: every weight is frozen
-    tokenizer = GPT2Tokenizer.from_pretrained(args.tokenizer or default_tokenizer_source(args.model))
-    sampling.stop_token_id = tokenizer.eos_token_id
-    generator = torch.Generator(model.wte.weight.device).manual_seed(args.seed)
-    for prompt, text in zip(args.prompt, generate_text(model, tokenizer, args.prompt, sampling, generator=generator)):
+    try:
+        model = GPT2Model.from_pretrained(args.model, device=args.device)
+        model.requires_grad_(False).set_precision(args.precision)  # inference only: every weight is frozen
+        tokenizer = GPT2Tokenizer.from_pretrained(tokenizer_source(args.model, args.tokenizer))
+        sampling.stop_token_id = tokenizer.eos_token_id
+        generator = torch.Generator(model.wte.weight.device).manual_seed(args.seed)
+        texts = generate_text(model, tokenizer, args.prompt, sampling, generator=generator)
+    except (ValueError, OSError) as error:  # a bad checkpoint, a missing file, an offline hub, a too-long prompt
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    for prompt, text in zip(args.prompt, texts):
         print(f"{prompt}{text}\n")
-
-
-def default_tokenizer_source(model_name: str) -> str:
-    """A checkpoint directory usually carries its tokenizer files; random and hub models use the hub's gpt2."""
-    from pathlib import Path
-
-    return model_name if Path(model_name).is_dir() else "gpt2"
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -248,6 +248,14 @@ class GPT2Tokenizer:
     encode_batch = __call__
 
 
+def tokenizer_source(model: str, tokenizer: Optional[str] = None) -> str:
+    """Where a model's tokenizer comes from: `tokenizer` when given, else the model directory when it holds
+    vocab.json (checkpoints usually carry their tokenizer), else the hub's gpt2 (random and hub models)."""
+    if tokenizer is not None:
+        return tokenizer
+    return model if (Path(model) / "vocab.json").is_file() else "gpt2"
+
+
 def _read_vocab(path: Path) -> dict[str, int]:
     if not path.is_file():
         raise FileNotFoundError(f"GPT-2 vocabulary file not found: {path}")

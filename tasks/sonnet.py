@@ -52,14 +52,21 @@ class SonnetTask(Task):
             truncated += len(ids) > max_length
             train.append(Example(id=str(sonnet.number), input_ids=ids[:max_length],
                                  prompt_length=min(len(prompt_ids), max_length)))
-        references = {}
-        if paths.get("dev_true") is not None and paths["dev_true"].is_file():
-            references = {s.number: s.text for s in read_sonnets(paths["dev_true"])}
-        splits = {"train": train,
-                  "dev": self.prompts(paths["dev"], tokenizer, max_length, references)[:config.example_limit("dev")],
+        references, notes = {}, []
+        true_path = paths.get("dev_true")
+        if true_path is not None and true_path.is_file():
+            references = {s.number: s.text for s in read_sonnets(true_path)}
+        elif true_path is not None:
+            notes.append(f"  note: no true sonnets at {true_path}, so no dev chrF (the dev prompts are still continued)")
+        dev = self.prompts(paths["dev"], tokenizer, max_length, references)[:config.example_limit("dev")]
+        unscored = [e.id for e in dev if e.label is None]
+        if references and unscored:
+            raise ValueError(f"{true_path}: holds no true text for dev sonnet(s) {', '.join(unscored)} of {paths['dev']}; "
+                             "chrF needs every one (use the two files that belong together)")
+        splits = {"train": train, "dev": dev,
                   "test": self.prompts(paths["test"], tokenizer, max_length, {})[:config.example_limit("test")]
                   if paths["test"].is_file() else []}
-        return TaskData(splits=splits, paths=paths, truncated={"train": truncated})
+        return TaskData(splits=splits, paths=paths, truncated={"train": truncated}, notes=notes)
 
     @staticmethod
     def prompts(path: Path, tokenizer, max_length: int, references: dict) -> list[Example]:

@@ -35,6 +35,7 @@ class TaskData:
     splits: dict[str, list[Example]]
     paths: dict[str, Path]  # where each split was read from, for messages
     truncated: dict[str, int] = field(default_factory=dict)  # texts cut to fit the model context, per split
+    notes: list[str] = field(default_factory=list)  # what the user should know about the data (printed once)
 
 
 class Task(ABC):

@@ -39,6 +39,7 @@ from models.peft import (
     save_adapter,
 )
 from models.tokenizer import GPT2Tokenizer
+from models.tokenizer import tokenizer_source as models_tokenizer_source
 from modules.optimizer import AdamW
 from tasks import checkpoint as ckpt
 from tasks.batching import bucketed_batches
@@ -92,10 +93,7 @@ def resolve_precision(requested: str, device: torch.device) -> str:
 
 def tokenizer_source(config: TrainConfig) -> str:
     """--tokenizer, else the model directory when it carries vocab.json, else the hub's gpt2."""
-    if config.tokenizer is not None:
-        return config.tokenizer
-    model_dir = Path(config.model)
-    return str(model_dir) if (model_dir / "vocab.json").is_file() else "gpt2"
+    return models_tokenizer_source(config.model, config.tokenizer)
 
 
 def warmup_then_decay(total_steps: int, warmup_steps: int):
@@ -201,7 +199,7 @@ class Trainer:
         self.loss_module = self.dist.wrap(LossModule(self.task, self.model), self.device)
         self.say(f"{self.task.name} / {config.method.method}: {format_parameter_summary(self.model)}")
         self.say(f"  {len(self.splits['train'])} train, {len(self.splits['dev'])} dev, {len(self.splits['test'])} test "
-                 f"examples; {config.epochs} epochs of {self.steps_per_epoch} steps (batch {config.batch_size} x "
+                 f"examples; {config.epochs} epoch{'s' if config.epochs > 1 else ''} of {self.steps_per_epoch} steps (batch {config.batch_size} x "
                  f"{config.grad_accum} accumulation); lr {config.learning_rate:g}; {self.device} {self.precision}"
                  + (f"; {self.dist.world_size} processes" if self.dist.enabled else ""))
         for note in self.data_notes:
@@ -237,6 +235,7 @@ class Trainer:
             raise ValueError(f"{data.paths['train']}: no training examples")
         self.data_notes = [f"  note: no test file at {data.paths['test']}, so no test predictions"] \
             if not data.splits["test"] and not data.paths["test"].is_file() else []
+        self.data_notes += data.notes
         self.data_notes += [f"  warning: {count} {name} texts were longer than {max_length} tokens and were truncated"
                             for name, count in data.truncated.items() if count]
 
@@ -462,7 +461,12 @@ class Trainer:
     def run(self) -> RunResult:
         self.setup()
         already_finished = self.done()
-        self.train()
+        try:
+            self.train()
+        except KeyboardInterrupt:
+            self.status = "interrupted"  # the log says so; --resume continues from the last checkpoint
+            self.write_log()
+            raise
         return self.finish(already_finished)
 
 

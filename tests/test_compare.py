@@ -156,7 +156,7 @@ def test_an_earlier_run_is_neither_overwritten_nor_skipped_silently(compared, ta
     _, out = compared
     with pytest.raises(SystemExit):
         main(compare_args(out, task_files, METHODS))
-    assert "already hold runs: pass --resume" in capsys.readouterr().err
+    assert "earlier runs are there: pass --resume" in capsys.readouterr().err
 
 
 def test_human_formatting():

@@ -187,3 +187,18 @@ def test_devices():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA GPU"):
             resolve_device("cuda")
+    with pytest.raises(ValueError, match="unknown device 'tpu'; use cpu, cuda, cuda:N or auto"):
+        resolve_device("tpu")
+    with pytest.raises(ValueError, match="device 'meta' is not supported"):
+        resolve_device("meta")
+
+
+def test_generation_command_line_errors_are_one_line(tmp_path, capsys):
+    from models.generation import main
+
+    assert main(["--model", str(tmp_path), "--prompt", "Hi"]) == 1  # an empty directory: no checkpoint
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(tmp_path) in err and "Traceback" not in err
+    with pytest.raises(SystemExit):
+        main(["--model", "random:tiny", "--prompt", "Hi", "--top-p", "0.9"])  # sampling flags without --sample
+    assert "add --sample" in capsys.readouterr().err

@@ -4,6 +4,7 @@ the course's formats, clear errors for bad data and bad flags, and every --metho
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 
 import pytest
@@ -18,6 +19,7 @@ from data.readers import (
     read_predictions,
     read_sentiment,
     read_sonnets,
+    write_sonnets,
 )
 from models.gpt2 import GPT2Model
 from models.peft import METHODS, MethodConfig, apply_method, parameter_summary
@@ -79,6 +81,21 @@ def test_sonnet_script_writes_generated_sonnets_for_dev_and_test(tmp_path, task_
             assert sonnet.text.startswith(prompt.text) and len(sonnet.text) > len(prompt.text)
     chrf = json.loads((tmp_path / "run" / "log.json").read_text())["final"]["dev"]["chrf"]
     assert 0 < chrf < 100
+
+
+def test_sonnet_dev_references_missing_or_incomplete(tmp_path, task_files):
+    data = tmp_path / "data"
+    shutil.copytree(task_files.data, data)
+    true_path = default_paths("sonnet", data)["dev_true"]
+    write_sonnets(true_path, read_sonnets(true_path)[:1])  # the true text of one dev sonnet only
+    args = base_args(tmp_path, task_files, max_new_tokens=4, max_train_examples=2) + ["--data-dir", str(data)]
+    code, _, err = run_script("sonnet", args)
+    assert code == 1 and str(true_path) in err and "holds no true text for dev sonnet(s)" in err
+
+    true_path.unlink()  # no references at all: the run goes on, says why there is no chrF
+    code, out, err = run_script("sonnet", args + ["--overwrite"])
+    assert code == 0, err
+    assert f"no true sonnets at {true_path}" in out and "no dev labels" in out
 
 
 @pytest.mark.parametrize("script, task, options", [

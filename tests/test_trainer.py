@@ -287,6 +287,7 @@ def test_an_interrupted_run_resumed_ends_where_an_uninterrupted_one_does(tmp_pat
     assert code == 130 and "--resume" in err
     saved = torch.load(checkpoint_path(tmp_path / "interrupted" / "run"), weights_only=True)["progress"]
     assert saved["step"] == (6 if save_every_steps is None else 2)
+    assert json.loads((tmp_path / "interrupted" / "run" / "log.json").read_text())["status"] == "interrupted"
     code, out, _ = run_script("sentiment", interrupted + ["--resume"])
     assert code == 0 and "resumed from" in out
 
