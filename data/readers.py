@@ -62,7 +62,7 @@ class DataFormatError(ValueError):
 
     def __init__(self, path: PathLike, line: int, problem: str):
         self.path, self.line, self.problem = Path(path), line, problem
-        super().__init__(f"{path}:{line}: {problem}")
+        super().__init__(f"{path}:{line}: {problem}" if line else f"{path}: {problem}")
 
 
 class MalformedRowsWarning(UserWarning):
@@ -127,7 +127,9 @@ class _BadRow(Exception):
 
 def _check_file(path: Path) -> None:
     if not path.exists():
-        raise DataFormatError(path, 0, "file not found (run `python -m data.download`, or copy the file in)")
+        where = "directory does not exist" if not path.parent.is_dir() else "file not found"
+        raise DataFormatError(path, 0, f"{where} (pass --data-dir, run `python -m data.download --data-dir "
+                                       f"{path.parent}`, or copy the course's files in)")
     if not path.is_file():
         raise DataFormatError(path, 0, "not a regular file")
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -349,7 +350,12 @@ def method_config_from_args(args: argparse.Namespace, parser: Optional[argparse.
             activation=args.activation,
         )
     except ValueError as error:
-        message = str(error).replace("option 'targets'", "--lora-targets").replace("option 'components'", "--reft-components")
+        message = str(error)
+        for option, flag in (("targets", "--lora-targets"), ("components", "--reft-components"),
+                             ("tie_positions", "--untie-positions"), ("dropout", "--method-dropout"),
+                             ("positions", "--positions"), ("rank", "--rank"), ("alpha", "--alpha"),
+                             ("activation", "--activation"), ("layers", "--layers"), ("rslora", "--rslora")):
+            message = re.sub(rf"(option '{option}'|^{option}\b)", flag, message)
         if parser is not None:
             parser.error(message)
         raise ValueError(message) from None

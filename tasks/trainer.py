@@ -228,7 +228,11 @@ class Trainer:
 
     def load_data(self) -> None:
         config = self.config
-        max_length = min(config.max_length or self.gpt.config.n_positions, self.gpt.config.n_positions)
+        context = self.gpt.config.n_positions
+        if config.max_length is not None and config.max_length > context:
+            raise ValueError(f"--max-length {config.max_length} exceeds the context of the model {config.model} "
+                             f"({context} tokens)")
+        max_length = config.max_length or context
         data = self.task.load(config, self.tokenizer, max_length)
         self.splits = data.splits
         if not self.splits["train"]:

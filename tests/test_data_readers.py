@@ -49,7 +49,7 @@ def raises_at(path: Path, line: int, *fragments: str):
     with pytest.raises(DataFormatError) as info:
         yield info
     message = str(info.value)
-    assert message.startswith(f"{path}:{line}: "), message
+    assert message.startswith(f"{path}:{line}: " if line else f"{path}: "), message
     assert info.value.line == line
     for fragment in fragments:
         assert fragment in message, (fragment, message)

@@ -277,7 +277,9 @@ def test_data_errors_surface_as_one_clear_line(tmp_path, task_files):
     code, _, err = run_script("sentiment", base_args(tmp_path, task_files._replace(data=data_dir)))
     assert code == 1 and err.startswith(f"error: {train}:4: unknown label '7'") and "Traceback" not in err
     code, _, err = run_script("sentiment", base_args(tmp_path, task_files._replace(data=tmp_path / "nowhere")))
-    assert code == 1 and "ids-sst-train.csv:0: file not found" in err
+    assert code == 1 and f"{tmp_path / 'nowhere' / 'ids-sst-train.csv'}: directory does not exist (pass --data-dir" in err
+    code, _, err = run_script("sentiment", base_args(tmp_path, task_files) + ["--max-length", "5000", "--overwrite"])
+    assert code == 1 and "--max-length 5000 exceeds the context of the model" in err
 
 
 @pytest.mark.parametrize("flag, value, message", [
@@ -286,7 +288,7 @@ def test_data_errors_surface_as_one_clear_line(tmp_path, task_files):
     ("--warmup-ratio", "1.5", "argument --warmup-ratio: must be in [0, 1)"),
     ("--precision", "fp16", "argument --precision: invalid choice"),
     ("--method", "prefix", "argument --method: invalid choice"),
-    ("--rank", "4", "option 'rank' does not apply to method 'full'"),
+    ("--rank", "4", "--rank does not apply to method 'full'"),
 ])
 def test_bad_flags_are_argparse_errors_naming_the_flag(capsys, flag, value, message):
     with pytest.raises(SystemExit) as exit:
