@@ -6,6 +6,7 @@ only the standard library and torch.
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -178,6 +179,14 @@ class Case:
 
     step: Callable[[], int]
     info: dict
+
+
+def worker_main(cases: dict, description: str) -> None:
+    """The command line of a worker (bench/ours.py, bench/peers.py), started by bench/run.py."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--worker", action="store_true", required=True)
+    parser.add_argument("--threads", type=int, default=2)
+    serve(cases, parser.parse_args().threads)
 
 
 def serve(cases: dict, threads: int) -> None:

@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import warnings
 from pathlib import Path
@@ -148,8 +147,4 @@ CASES = {
 }
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--worker", action="store_true", required=True)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    common.serve(CASES, args.threads)
+    common.worker_main(CASES, __doc__)

@@ -5,7 +5,6 @@ bench/ours.py exported. Runs in bench/.venv-peers (see bench/README.md), driven 
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import os
@@ -169,8 +168,4 @@ CASES = {
 }
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--worker", action="store_true", required=True)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    common.serve(CASES, args.threads)
+    common.worker_main(CASES, __doc__)
