@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from models.tokenizer import pad_sequences
 from modules.kv_cache import KVCache
 
 
@@ -74,11 +75,7 @@ def generate(
             f"generate: prompt ({prompt_length} tokens) + max_new_tokens ({sampling.max_new_tokens}) exceeds the "
             f"model context of {model.config.n_positions}"
         )
-    ids = torch.full((batch, prompt_length), pad_token_id, dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, prompt_length - len(prompt):] = torch.as_tensor(list(prompt), device=device)
-        mask[row, prompt_length - len(prompt):] = 1
+    ids, mask = pad_sequences(prompts, pad_token_id, side="left", device=device)
 
     was_training = model.training
     model.eval()

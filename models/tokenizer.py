@@ -230,22 +230,25 @@ class GPT2Tokenizer:
                 num_truncated += 1
             rows.append(ids)
 
-        lengths = [len(ids) for ids in rows]
-        width = max(lengths)
-        input_ids, attention_mask = [], []
-        for ids in rows:
-            padding = width - len(ids)
-            if padding_side == "right":
-                input_ids.append(ids + [self.pad_token_id] * padding)
-                attention_mask.append([1] * len(ids) + [0] * padding)
-            else:
-                input_ids.append([self.pad_token_id] * padding + ids)
-                attention_mask.append([0] * padding + [1] * len(ids))
-        return BatchEncoding(torch.tensor(input_ids, dtype=torch.long).view(len(rows), width),
-                             torch.tensor(attention_mask, dtype=torch.long).view(len(rows), width),
-                             lengths, num_truncated)
+        input_ids, attention_mask = pad_sequences(rows, self.pad_token_id, side=padding_side)
+        return BatchEncoding(input_ids, attention_mask, [len(ids) for ids in rows], num_truncated)
 
     encode_batch = __call__
+
+
+def pad_sequences(sequences: Sequence[Sequence[int]], pad_id: int = 0, side: str = "right",
+                  device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pads token lists into (input_ids, attention_mask), both (B, T) long, the padding on the right (training,
+    classification) or the left (generation prompts). The id under the padding does not matter: the mask
+    keeps it out of attention, the last-token read-out and the loss."""
+    width = max((len(s) for s in sequences), default=0)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, sequence in enumerate(sequences):
+        span = slice(0, len(sequence)) if side == "right" else slice(width - len(sequence), width)
+        ids[row, span] = torch.as_tensor(list(sequence), dtype=torch.long)
+        mask[row, span] = 1
+    return (ids, mask) if device is None else (ids.to(device), mask.to(device))
 
 
 def tokenizer_source(model: str, tokenizer: Optional[str] = None) -> str:

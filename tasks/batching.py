@@ -1,4 +1,5 @@
-"""Batches of pre-tokenised examples: length-bucketed for training, length-sorted for evaluation, and padding.
+"""Batches of pre-tokenised examples: length-bucketed for training, length-sorted for evaluation (padding them
+is models.tokenizer.pad_sequences).
 
 Padding is wasted work on a CPU, so training batches group examples of similar length: the shuffled data set
 is cut into chunks of `bucket_batches` batches, each chunk is sorted by length and cut into batches, and the
@@ -40,17 +41,3 @@ def sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
 def epoch_seed(seed: int, epoch: int) -> int:
     # Distinct epochs (and distinct seeds) give unrelated permutations.
     return (seed * 1_000_003 + epoch) % (2**63)
-
-
-def pad(sequences: Sequence[Sequence[int]], pad_id: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pads token lists into (ids, attention_mask), both (B, T) long. The id under the padding does not
-    matter: the mask keeps it out of attention, the last-token read-out and the loss."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        ids[row, :len(sequence)] = torch.as_tensor(sequence, dtype=torch.long)
-        mask[row, :len(sequence)] = 1
-    if device is not None:
-        ids, mask = ids.to(device), mask.to(device)
-    return ids, mask

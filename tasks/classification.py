@@ -11,7 +11,8 @@ from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
 
 from data.readers import default_paths, write_predictions
-from tasks.batching import pad, sorted_batches
+from models.tokenizer import pad_sequences
+from tasks.batching import sorted_batches
 from tasks.config import TrainConfig
 from tasks.task import SPLITS, Example, Task, TaskData
 
@@ -74,7 +75,7 @@ class ClassificationTask(Task):
         write_predictions(path, self.prediction_column, [e.id for e in examples], predictions)
 
     def collate(self, examples: Sequence[Example], device: torch.device) -> dict[str, torch.Tensor]:
-        ids, mask = pad([e.input_ids for e in examples], device=device)
+        ids, mask = pad_sequences([e.input_ids for e in examples], device=device)
         labels = torch.tensor([e.label for e in examples], dtype=torch.long, device=device)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
@@ -90,7 +91,7 @@ class ClassificationTask(Task):
         predictions: list[Optional[int]] = [None] * len(examples)
         try:
             for indices in sorted_batches([e.length for e in examples], config.eval_batch_size):
-                ids, mask = pad([examples[i].input_ids for i in indices], device=device)
+                ids, mask = pad_sequences([examples[i].input_ids for i in indices], device=device)
                 for i, label in zip(indices, model(ids, mask).argmax(-1).tolist()):
                     predictions[i] = label
                 if progress is not None:

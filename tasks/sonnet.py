@@ -19,7 +19,7 @@ from torch import nn
 from data.readers import Sonnet, default_paths, read_sonnets, write_sonnets
 from models.generation import SamplingConfig, generate
 from models.peft import MethodConfig
-from tasks.batching import pad
+from models.tokenizer import pad_sequences
 from tasks.config import TrainConfig
 from tasks.task import Example, Task, TaskData
 
@@ -85,7 +85,7 @@ class SonnetTask(Task):
         return gpt  # the language model itself: its LM head is the tied token embedding
 
     def collate(self, examples: Sequence[Example], device: torch.device) -> dict[str, torch.Tensor]:
-        ids, mask = pad([e.input_ids for e in examples], device=device)
+        ids, mask = pad_sequences([e.input_ids for e in examples], device=device)
         prompt_length = torch.tensor([e.prompt_length or e.length for e in examples], device=device)
         prompt_mask = torch.arange(ids.shape[1], device=device)[None, :] < prompt_length[:, None]
         return {"input_ids": ids, "attention_mask": mask, "prompt_mask": prompt_mask}

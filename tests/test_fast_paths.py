@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from models.gpt2 import GPT2Model, left_align
 from models.peft import MethodConfig, apply_method
-from tasks.batching import pad
+from models.tokenizer import pad_sequences as pad
 from tasks.classification import LastTokenClassifier
 from tests.conftest import random_model
 

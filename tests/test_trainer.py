@@ -14,7 +14,8 @@ from torch import nn
 
 from models.tokenizer import GPT2Tokenizer
 from tasks import get_task
-from tasks.batching import bucketed_batches, pad, sorted_batches
+from models.tokenizer import pad_sequences as pad
+from tasks.batching import bucketed_batches, sorted_batches
 from tasks.checkpoint import ResumeError, checkpoint_path
 from tasks.cli import parse_args
 from tasks.distributed import Distributed, interleave
