@@ -28,6 +28,21 @@ from modules.kv_cache import KVCache
 from modules.reft import PositionedIntervention
 
 PRECISIONS = ("fp32", "bf16")
+PRECISION_CHOICES = ("auto",) + PRECISIONS  # what command lines offer: auto resolves per device
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """'auto' is bf16 where it pays: a GPU with bf16 support, or a CPU with bf16 instructions."""
+    if requested not in PRECISION_CHOICES:
+        raise ValueError(f"precision must be one of {', '.join(PRECISION_CHOICES)}, got {requested!r}")
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    try:
+        return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+    except (AttributeError, RuntimeError):
+        return "fp32"
 
 
 class GPT2Model(nn.Module):
@@ -213,9 +228,9 @@ class GPT2Model(nn.Module):
     def set_precision(self, precision: str) -> "GPT2Model":
         """'fp32', or 'bf16': matmuls run in bf16 under autocast and the frozen matrices (Linear layers and
         the embedding tables with requires_grad False) are stored in bf16 so no call re-casts them.
-        LayerNorms, the residual stream and every trainable parameter stay fp32."""
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        LayerNorms, the residual stream and every trainable parameter stay fp32. 'auto' picks one for the
+        model's device (`resolve_precision`)."""
+        precision = resolve_precision(precision, self.wte.weight.device)
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 for param in module.parameters(recurse=False):

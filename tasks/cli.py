@@ -8,7 +8,8 @@ import sys
 from typing import Optional, Sequence
 
 from models.peft import add_method_arguments, method_config_from_args
-from tasks.config import PRECISIONS, TrainConfig
+from models.gpt2 import PRECISION_CHOICES
+from tasks.config import TrainConfig
 
 SCRIPTS = {"sentiment": ("sst", "cfimdb"), "paraphrase": ("quora",), "sonnet": ("sonnet",)}
 DESCRIPTIONS = {
@@ -106,7 +107,7 @@ def build_parser(script: str, default_task: Optional[str] = None) -> argparse.Ar
     train.add_argument("--seed", type=int, default=defaults.seed,
                        help="seeds the initial weights, the batch order, dropout and sampling")
     train.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:N or auto")
-    train.add_argument("--precision", choices=PRECISIONS, default=defaults.precision,
+    train.add_argument("--precision", choices=PRECISION_CHOICES, default=defaults.precision,
                        help="auto: bf16 on a GPU or a CPU with bf16 instructions, else fp32")
     train.add_argument("--patience", type=positive_int, default=None,
                        help="early stopping: stop after N evaluations without a better dev metric")

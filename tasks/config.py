@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from models.gpt2 import PRECISION_CHOICES
 from models.peft import MethodConfig
 
-PRECISIONS = ("auto", "fp32", "bf16")
 # Full fine-tuning moves 124M weights and wants a small step; the frozen-base methods train small
 # parts from scratch (or from identity) and want a large one. These are the course's defaults.
 DEFAULT_LR = {"full": 1e-5}
@@ -74,8 +74,8 @@ class TrainConfig:
             problems.append(f"max_grad_norm must be > 0 (or unset), got {self.max_grad_norm}")
         if self.dropout is not None and not 0 <= self.dropout < 1:
             problems.append(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.precision not in PRECISIONS:
-            problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.precision not in PRECISION_CHOICES:
+            problems.append(f"precision must be one of {', '.join(PRECISION_CHOICES)}, got {self.precision!r}")
         if not self.temperature > 0:
             problems.append(f"temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:

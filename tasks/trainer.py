@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from models.gpt2 import GPT2Model
+from models.gpt2 import GPT2Model, resolve_precision
 from data.atomic import atomic_save
 from models.peft import (
     adapter_file_size,
@@ -79,18 +79,6 @@ class RunResult:
 
 
 # ----------------------------------------------------------------------------------------------- set-up
-def resolve_precision(requested: str, device: torch.device) -> str:
-    """'auto' is bf16 where it pays: a GPU with bf16 support, or a CPU with bf16 instructions."""
-    if requested != "auto":
-        return requested
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    try:
-        return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
-    except (AttributeError, RuntimeError):
-        return "fp32"
-
-
 def tokenizer_source(config: TrainConfig) -> str:
     """--tokenizer, else the model directory when it carries vocab.json, else the hub's gpt2."""
     return models_tokenizer_source(config.model, config.tokenizer)

@@ -7,7 +7,7 @@ import torch
 
 from models.config import GPT2Config, PRESETS
 from models.generation import SamplingConfig, generate, next_token
-from models.gpt2 import GPT2Model, last_real_token, resolve_device
+from models.gpt2 import GPT2Model, last_real_token, resolve_device, resolve_precision
 from modules.kv_cache import KVCache
 from tests.conftest import random_model
 
@@ -179,6 +179,17 @@ def test_bf16_precision_keeps_trainable_parameters_fp32_and_stays_close():
     assert model.h[0].attn.c_attn.weight.dtype == torch.float32
     with pytest.raises(ValueError, match="precision"):
         model.set_precision("fp8")
+
+
+def test_precision_auto_and_explicit():
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu) == "fp32"
+    assert resolve_precision("bf16", cpu) == "bf16"
+    auto = resolve_precision("auto", cpu)
+    assert auto == ("bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32")
+    assert random_model().set_precision("auto").precision == auto
+    with pytest.raises(ValueError, match="auto, fp32, bf16"):
+        resolve_precision("half", cpu)
 
 
 def test_devices():

@@ -23,7 +23,6 @@ from tasks.config import TrainConfig
 from tasks.trainer import (
     Trainer,
     TrainingDiverged,
-    resolve_precision,
     run_training,
     tokenizer_source,
     warmup_then_decay,
@@ -125,12 +124,6 @@ def test_set_dropout_reaches_every_dropout_of_the_base_model():
     gpt.train()
     ids = torch.randint(0, 1000, (2, 9))
     torch.testing.assert_close(gpt(ids)["last_hidden_state"], gpt(ids)["last_hidden_state"])  # deterministic
-
-
-def test_precision_auto_and_explicit():
-    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
-    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
-    assert resolve_precision("auto", torch.device("cpu")) in ("bf16", "fp32")
 
 
 # ----------------------------------------------------------------------------------------------- steps
