@@ -188,7 +188,11 @@ def human_bytes(n: float) -> str:
 
 
 def human_number(x: float) -> str:
-    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
+    """Three significant figures, trailing zeros kept so a column reads evenly: 1,234 / 56.7 / 2.00 / 0.123."""
+    x = float(f"{x:.3g}") if abs(x) < 100 else x  # round first: 9.999 reads 10.0, not 10.00
+    if abs(x) >= 100:
+        return f"{x:,.0f}"
+    return f"{x:.{max(0, 2 - math.floor(math.log10(abs(x))))}f}" if x else "0.00"
 
 
 def human_percent(p: float) -> str:

@@ -162,4 +162,5 @@ def test_an_earlier_run_is_neither_overwritten_nor_skipped_silently(compared, ta
 def test_human_formatting():
     assert (human_bytes(500), human_bytes(289 * 1024 + 100), human_bytes(1.2 * 2**30)) == ("500 B", "289 KiB", "1.2 GiB")
     assert (human_percent(100.0), human_percent(0.0595), human_percent(0.0021)) == ("100.0%", "0.059%", "0.0021%")
-    assert (human_number(1234.4), human_number(0.3123), human_number(42.04)) == ("1,234", "0.312", "42")
+    assert [human_number(x) for x in (1234.4, 0.3123, 42.04, 2.0, 9.999, 99.96, 0)] == \
+        ["1,234", "0.312", "42.0", "2.00", "10.0", "100", "0.00"]
