@@ -84,6 +84,11 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
+        if "Weights only load failed" in str(error):
+            raise CheckpointError(
+                f"{path}: refused: the checkpoint holds Python objects other than tensors, which loading would have "
+                "to execute (it is read with weights_only=True); save a plain state dict or safetensors instead"
+            ) from None
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise CheckpointError(f"{path}: cannot load this PyTorch checkpoint, truncated or corrupt ({reason})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

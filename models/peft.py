@@ -278,28 +278,44 @@ def load_adapter(model: nn.Module, directory: str | Path, name: Optional[str] = 
             raise ValueError(f"{directory}: only a single ReFT-family adapter can be loaded under a new name")
         renames[methods[0].name] = name
         methods[0].name = name
-    applied = [m.to_dict() for m in applied_methods(gpt)]
-    for method in methods:
-        if method.to_dict() not in applied:
-            apply_method(gpt, method)
     try:
         tensors = load_file(directory / ADAPTER_WEIGHTS)
     except (SafetensorError, OSError) as error:
         raise ValueError(f"{directory / ADAPTER_WEIGHTS}: cannot read the adapter weights ({error})") from None
     tensors = {rename_adapter_key(k, renames): t for k, t in tensors.items()}
-    params = dict(model.named_parameters())
-    unknown = sorted(k for k in tensors if k not in params)
-    wrong = sorted(k for k in tensors if k in params and params[k].shape != tensors[k].shape)
+    applied = [m.to_dict() for m in applied_methods(gpt)]
+    missing_methods = [m for m in methods if m.to_dict() not in applied]
+    # Every check runs before the model changes, so a file that does not fit leaves the model as it was.
+    shapes = parameter_shapes_after(model, gpt, missing_methods)
+    unknown = sorted(k for k in tensors if k not in shapes)
+    wrong = sorted(k for k in tensors if k in shapes and shapes[k] != tensors[k].shape)
     if unknown or wrong:
         raise ValueError(
             f"{directory}: adapter does not fit this model"
             + (f"; tensors the model does not have: {', '.join(unknown[:8])}" if unknown else "")
             + (f"; tensors of another shape: {', '.join(wrong[:8])}" if wrong else "")
         )
+    for method in missing_methods:
+        apply_method(gpt, method)
+    params = dict(model.named_parameters())
     with torch.no_grad():
         for key, tensor in tensors.items():
             params[key].copy_(tensor)
     return model
+
+
+def parameter_shapes_after(model: nn.Module, gpt: GPT2Model, methods: list[MethodConfig]) -> dict[str, torch.Size]:
+    """The parameter names and shapes `model` would have once `methods` are applied to its `gpt`, found on a
+    skeleton of the same shape on the meta device (no memory, no change to the model)."""
+    with torch.device("meta"):
+        skeleton = GPT2Model(gpt.config)
+    for method in applied_methods(gpt) + methods:
+        apply_method(skeleton, method)
+    prefix = next(name for name, module in model.named_modules() if module is gpt)
+    prefix = prefix + "." if prefix else ""
+    shapes = {name: p.shape for name, p in model.named_parameters() if not name.startswith(prefix)} if prefix else {}
+    shapes.update({prefix + name: p.shape for name, p in skeleton.named_parameters()})
+    return shapes
 
 
 def rename_adapter_key(key: str, renames: dict[str, str]) -> str:

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models.config import GPT2Config
@@ -19,6 +20,7 @@ from models.peft import (
     MethodConfig,
     add_method_arguments,
     adapter_file_size,
+    applied_methods,
     apply_method,
     format_parameter_summary,
     load_adapter,
@@ -268,6 +270,35 @@ def test_adapter_load_errors(tmp_path):
     (directory / ADAPTER_WEIGHTS).write_bytes(b"garbage")
     with pytest.raises(ValueError, match="cannot read the adapter weights"):
         load_adapter(TinyClassifier(fresh()), directory)
+
+
+def model_state(model: nn.Module) -> list:
+    return [(name, p.dtype, p.requires_grad, p.detach().clone()) for name, p in model.named_parameters()]
+
+
+def same_state(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(x[:3] == y[:3] and torch.equal(x[3], y[3]) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("damage", ["unreadable", "another-methods-weights", "wrong-shape"])
+def test_a_failed_adapter_load_leaves_the_model_unchanged(tmp_path, damage):
+    directory = save_adapter(TinyClassifier(fresh(ADAPTING["loreft"])), tmp_path / "loreft")
+    weights = directory / ADAPTER_WEIGHTS
+    if damage == "unreadable":
+        weights.write_bytes(weights.read_bytes()[:40])
+    elif damage == "another-methods-weights":  # a LoRA adapter's tensors beside LoReFT's config
+        other = save_adapter(TinyClassifier(fresh(ADAPTING["lora"])), tmp_path / "lora")
+        weights.write_bytes((other / ADAPTER_WEIGHTS).read_bytes())
+    else:
+        tensors = load_file(weights)
+        tensors["head.weight"] = torch.zeros(3, 64)
+        save_file(tensors, weights)
+    model = TinyClassifier(fresh())
+    before = model_state(model)
+    with pytest.raises(ValueError, match="cannot read the adapter weights|does not fit this model"):
+        load_adapter(model, directory)
+    assert applied_methods(model.gpt) == [] and same_state(model_state(model), before)
+    assert all(type(layer).__name__ == "GPT2Layer" for layer in model.gpt.h)
 
 
 def test_two_reft_adapters_trained_separately_both_apply(tmp_path):
