@@ -114,7 +114,7 @@ class GPT2Model(nn.Module):
     def trainable_suffix_length(self) -> Optional[int]:
         """k when every trainable parameter of the model belongs to interventions at the last k prompt tokens
         ('l1', 'l3', ...): then training can change the hidden states of those tokens only. None when anything
-        else trains (full, bitfit, LoRA, interventions at 'all' or first tokens) or nothing does."""
+        else trains (full, bitfit, layernorm, LoRA, interventions at 'all' or first tokens) or nothing does."""
         k, covered = 0, set()
         for module in self.modules():
             if isinstance(module, PositionedIntervention):

@@ -27,13 +27,14 @@ from data.atomic import atomic_save
 from modules.lora import LORA_TARGETS, LoRAGPT2Layer
 from modules.reft import ACTIVATIONS, COMPONENTS, PositionedIntervention, ReFTGPT2Layer, parse_positions
 
-METHODS = ("full", "last-linear-layer", "bitfit", "lora", "reft", "loreft", "noreft", "direft")
+METHODS = ("full", "last-linear-layer", "bitfit", "layernorm", "lora", "reft", "loreft", "noreft", "direft")
 REFT_FAMILY = ("reft", "loreft", "noreft", "direft")
 # Which options each method takes, and their defaults. Anything else given for a method is an error.
 METHOD_OPTIONS = {
     "full": {},
     "last-linear-layer": {},
     "bitfit": {"layers": None},
+    "layernorm": {"layers": None},
     "lora": {"layers": None, "rank": 8, "alpha": 16.0, "dropout": 0.0, "targets": ("query", "value"), "rslora": False},
     "reft": {"layers": None, "rank": 8, "alpha": None, "dropout": 0.0, "components": ("attention", "ffn"),
              "positions": "all", "tie_positions": True, "activation": "relu", "name": "default"},
@@ -138,12 +139,13 @@ def apply_method(gpt: GPT2Model, config: MethodConfig) -> GPT2Model:
     layers = resolve_layers(config.layers, gpt.config.n_layer)
     if config.method != "full":
         gpt.requires_grad_(False)
-    if config.method == "bitfit":
-        for index in layers:
-            for name, param in gpt.h[index].named_parameters():
-                param.requires_grad_(name.endswith("bias"))
-        if config.layers is None:
-            gpt.ln_f.bias.requires_grad_(True)
+    if config.method in ("bitfit", "layernorm"):  # cheap baselines: every bias, or every LayerNorm's gain and bias
+        trains = (lambda name: name.endswith("bias")) if config.method == "bitfit" else (lambda name: name.startswith("ln_"))
+        chosen = [gpt.h[index] for index in layers] + ([gpt.ln_f] if config.layers is None else [])
+        for module in chosen:
+            prefix = "ln_f" if module is gpt.ln_f else ""
+            for name, param in module.named_parameters(prefix=prefix):
+                param.requires_grad_(trains(name))
     elif config.method == "lora":
         for index in layers:
             gpt.h[index] = LoRAGPT2Layer(gpt.h[index], config.targets, config.rank, config.alpha, config.dropout,

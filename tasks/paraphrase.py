@@ -1,8 +1,8 @@
 """Paraphrase detection (Quora Question Pairs) as a cloze: the prompt asks whether two questions mean the same
-thing, and GPT-2's next-token logits for " no" / " yes" decide.
+thing, and GPT-2's next-token logits for "no" / "yes" decide.
 
 The decision is a 2-row linear head on the hidden state at the last prompt token, initialised from the tied
-embedding rows of " no" and " yes" (bias zero): before training it computes exactly the language model's
+embedding rows of "no" and "yes" (bias zero): before training it computes exactly the language model's
 next-token logits restricted to those two tokens, and every method (last-linear-layer included) can train it.
 """
 from __future__ import annotations
@@ -16,7 +16,9 @@ from tasks.classification import ClassificationTask, LastTokenClassifier
 
 # The prompt around the two questions, in three pieces: before question 1, between them, after question 2.
 PROMPT = ('Question 1: "', '"\nQuestion 2: "', '"\nAre these questions asking the same thing?\n')
-ANSWERS = (" no", " yes")  # head row i answers label i (is_duplicate 0 / 1)
+# Head row i answers label i (is_duplicate 0 / 1). The prompt ends with a newline, so the answer starts a line
+# and has no leading space: "no" 3919 and "yes" 8505 in GPT-2's vocabulary, the course's tokens.
+ANSWERS = ("no", "yes")
 
 
 def answer_token_ids(tokenizer) -> list[int]:
@@ -51,7 +53,6 @@ class ParaphraseTask(ClassificationTask):
     name, file_stem = "quora", "para"
     metric = "accuracy"
     num_labels = 2
-    f1_average, f1_name = "binary", "f1"
     prediction_column = "Predicted_Is_Paraphrase"
 
     def read_rows(self, path: Path, require_labels: bool) -> list:

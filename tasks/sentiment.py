@@ -13,7 +13,6 @@ NUM_LABELS = {"sst": 5, "cfimdb": 2}
 
 class SentimentTask(ClassificationTask):
     metric = "accuracy"
-    f1_average, f1_name = "macro", "macro_f1"
     prediction_column = "Predicted_Sentiment"
 
     def __init__(self, name: str):

@@ -39,7 +39,7 @@ class SonnetTask(Task):
     def check_method(self, method: MethodConfig) -> None:
         if method.method == "last-linear-layer":
             raise ValueError("--method last-linear-layer trains only a task head, and the sonnet task has none (its "
-                             "LM head is the tied token embedding); choose full, bitfit, lora or a ReFT method")
+                             "LM head is the tied token embedding); choose full, bitfit, layernorm, lora or a ReFT method")
 
     def load(self, config: TrainConfig, tokenizer, max_length: int) -> TaskData:
         self.tokenizer = tokenizer  # generation decodes with it

@@ -28,6 +28,7 @@ PREFIX_METHODS = {  # trainable parameters act before the last prompt tokens: th
     "reft-all": MethodConfig("reft", rank=4),
     "lora": MethodConfig("lora", rank=4),
     "bitfit": MethodConfig("bitfit"),
+    "layernorm": MethodConfig("layernorm"),
     "full": MethodConfig("full"),
 }
 

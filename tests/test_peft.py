@@ -41,6 +41,7 @@ ADAPTING = {
     "noreft": MethodConfig("noreft", rank=4, positions="l1", components=("attention", "ffn")),
     "direft": MethodConfig("direft", rank=4, positions="f1+l1", activation="tanh"),
     "bitfit": MethodConfig("bitfit"),
+    "layernorm": MethodConfig("layernorm"),
 }
 
 
@@ -104,6 +105,8 @@ def test_wrappers_freeze_the_layer_and_hold_their_parts_in_module_dicts():
     (MethodConfig("lora", rank=8, targets=("query", "key", "value", "attn_out", "mlp_in", "mlp_out"), layers=[0]),
      4 * (8 * 768 + 768 * 8) + (8 * 768 + 3072 * 8) + (8 * 3072 + 768 * 8)),
     (MethodConfig("bitfit"), 12 * (3 * 768 + 768 + 4 * 768 + 768 + 2 * 768) + 768),
+    (MethodConfig("layernorm"), 12 * 2 * (768 + 768) + 2 * 768),  # ln_1, ln_2 in each layer, and ln_f
+    (MethodConfig("layernorm", layers=[0, 11]), 2 * 2 * (768 + 768)),  # chosen layers: not ln_f
     (MethodConfig("last-linear-layer"), 0),
     (MethodConfig("full"), 124_439_808),
 ])
@@ -112,7 +115,7 @@ def test_trainable_counts_equal_the_formulas_at_gpt2_shape(config, expected):
     apply_method(model, config)
     summary = parameter_summary(model)
     assert summary["trainable"] == expected
-    assert summary["total"] == 124_439_808 + (0 if config.method in ("full", "bitfit", "last-linear-layer") else expected)
+    assert summary["total"] == 124_439_808 + (0 if config.method in ("full", "bitfit", "layernorm", "last-linear-layer") else expected)
     assert f"trainable params: {expected:,}" in format_parameter_summary(model)
 
 
