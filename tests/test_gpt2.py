@@ -147,6 +147,25 @@ def test_top_k_and_top_p_restrict_the_candidates():
             SamplingConfig(**bad)
 
 
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_sampling_draws_from_the_softmax_at_the_temperature(temperature):
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
+    generator = torch.Generator().manual_seed(0)
+    draws = next_token(logits.repeat(20_000, 1), SamplingConfig(do_sample=True, temperature=temperature), generator)
+    frequencies = torch.bincount(draws, minlength=4).float() / draws.numel()
+    torch.testing.assert_close(frequencies, torch.softmax(logits / temperature, -1), atol=0.015, rtol=0)
+
+
+def test_kv_cache_refuses_more_positions_than_it_holds():
+    model = random_model()
+    with pytest.raises(ValueError, match="max_length 2000 exceeds the model context"):
+        KVCache.for_model(model.config, batch_size=1, max_length=2000)
+    cache = KVCache.for_model(model.config, batch_size=1, max_length=4)
+    model(torch.tensor([[1, 2, 3]]), cache=cache)
+    with pytest.raises(ValueError, match="5 positions exceed the cache size"):
+        model(torch.tensor([[4, 5]]), cache=cache)
+
+
 def test_input_checks():
     model = random_model()
     too_long = torch.zeros(1, model.config.n_positions + 1, dtype=torch.long)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -141,7 +142,8 @@ def test_hub_name_offline_says_how_to_use_a_local_directory(tmp_path):
     """A real offline attempt (HF_HUB_OFFLINE=1, empty cache) in a fresh interpreter: quick, and helpful."""
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PATH": "/usr/bin:/bin"}
     code = "from models.gpt2 import GPT2Model\nGPT2Model.from_pretrained('gpt2')"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
+                            cwd=Path(__file__).resolve().parents[1])  # the repository, whatever pytest's directory
     assert result.returncode != 0
     assert "OSError: could not fetch config.json of gpt2" in result.stderr
     assert "local directory" in result.stderr and "model.safetensors" in result.stderr

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -117,6 +118,55 @@ def test_trainable_counts_equal_the_formulas_at_gpt2_shape(config, expected):
     assert summary["trainable"] == expected
     assert summary["total"] == 124_439_808 + (0 if config.method in ("full", "bitfit", "layernorm", "last-linear-layer") else expected)
     assert f"trainable params: {expected:,}" in format_parameter_summary(model)
+
+
+def test_method_structure_errors():
+    with pytest.raises(ValueError, match="intervention rank 65 exceeds the hidden size 64"):
+        fresh(MethodConfig("loreft", rank=65))
+    layer = LoRAGPT2Layer(fresh().h[0], ["query"], rank=2, alpha=2.0)
+    with pytest.raises(ValueError, match="LoRA is already applied to attn.c_attn"):
+        LoRAGPT2Layer(layer.layer, ["value"], rank=2, alpha=2.0)
+    with pytest.raises(TypeError, match="expects a GPT2Model"):
+        apply_method(nn.Linear(2, 2), MethodConfig("lora"))
+
+
+# ----------------------------------------------------------------------------- the formulas, written out
+@pytest.mark.parametrize("rslora", [False, True])
+def test_lora_computes_w_x_plus_scaled_b_a_x_on_its_third_of_qkv(rslora):
+    model = fresh(MethodConfig("lora", rank=4, alpha=8.0, targets=("query", "value"), layers=[0], rslora=rslora))
+    perturb_trainable(model, scale=0.3)
+    layer = model.h[0]
+    x = torch.randn(3, 5, 64)
+    scale = 8.0 / (2.0 if rslora else 4.0)  # alpha / sqrt(r) or alpha / r
+    expected = F.linear(x, layer.layer.attn.c_attn.weight, layer.layer.attn.c_attn.bias)
+    for target, third in (("query", 0), ("value", 2)):
+        a, b = layer.lora[target].A, layer.lora[target].B
+        expected[..., third * 64:(third + 1) * 64] += scale * x @ a.t() @ b.t()
+    with torch.no_grad():
+        torch.testing.assert_close(layer.layer.attn.c_attn(x), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method, activation", [("loreft", "identity"), ("noreft", "identity"), ("direft", "tanh"),
+                                                ("reft", "relu"), ("reft", "gelu")])
+def test_reft_interventions_compute_their_formula(method, activation):
+    model = fresh(MethodConfig(method, rank=3, alpha=6.0, layers=[0], positions="all", activation=activation))
+    perturb_trainable(model, scale=0.3)
+    component = "ffn" if method != "reft" else "attention"
+    intervention = model.h[0].interventions[component]["default"].interventions[0]
+    w, bias, rotate = intervention.source.weight, intervention.source.bias, intervention.rotate
+    h = torch.randn(4, 64)
+    act = {"identity": lambda z: z, "tanh": torch.tanh, "relu": torch.relu,
+           "gelu": lambda z: F.gelu(z, approximate="tanh")}[activation]
+    if method == "loreft":
+        r = torch.linalg.qr(rotate.t())[0].t()  # orthonormal rows spanning the stored R's rows
+        torch.testing.assert_close(r @ r.t(), torch.eye(3), atol=1e-5, rtol=0)
+        expected = h + 2.0 * (act(h @ w.t() + bias) - h @ r.t()) @ r  # h + (alpha/r) R^T (W h + b - R h)
+    elif method == "noreft":
+        expected = h + 2.0 * (act(h @ w.t() + bias) - h @ rotate.t()) @ rotate
+    else:  # direft and the adapter form: h + (alpha/r) R^T act(W h + b)
+        expected = h + 2.0 * act(h @ w.t() + bias) @ rotate
+    with torch.no_grad():
+        torch.testing.assert_close(intervention(h), expected, atol=1e-5, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- identity and honest training

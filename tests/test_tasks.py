@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from sacrebleu.metrics import CHRF
 
 from data.readers import (
     PARAPHRASE_COLUMN,
@@ -22,8 +23,9 @@ from data.readers import (
     write_sonnets,
 )
 from models.gpt2 import GPT2Model
-from models.peft import METHODS, MethodConfig, apply_method, parameter_summary
+from models.peft import METHODS, MethodConfig, apply_method, load_adapter, parameter_summary
 from models.tokenizer import GPT2Tokenizer
+import tasks.paraphrase
 from tasks import get_task
 from tasks.cli import parse_args
 from tasks.classification import LastTokenClassifier
@@ -64,6 +66,21 @@ def test_classification_scripts_write_well_formed_prediction_files(tmp_path, tas
     log = json.loads((tmp_path / "run" / "log.json").read_text())
     assert log["final"]["dev"] == log["epochs"][0]["dev"]
 
+    # The dev predictions are the saved best model's, example by example, and the logged accuracy is theirs.
+    dev_rows = (read_paraphrase if task == "quora" else read_sentiment)(default_paths(task, data_dir)["dev"])
+    predicted = read_predictions(tmp_path / "predictions" / files[0], column_name=column)
+    assert log["final"]["dev"]["accuracy"] == pytest.approx(
+        sum(predicted[row.id] == int(row.label) for row in dev_rows) / len(dev_rows))
+    task_object, tokenizer = get_task(task), tokenizer_of(task_files)
+    model = load_adapter(task_object.build_model(GPT2Model.from_pretrained(task_files.model), tokenizer),
+                         tmp_path / "run" / "best").eval()
+    for row in dev_rows:
+        ids, _ = task_object.encode_row(tokenizer, row, model.gpt.config.n_positions)
+        with torch.no_grad():
+            logits = model(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))[0]
+        top2 = logits.topk(2).values
+        assert predicted[row.id] == int(logits.argmax()) or top2[0] - top2[1] < 1e-4, row.id
+
 
 def test_sonnet_script_writes_generated_sonnets_for_dev_and_test(tmp_path, task_files):
     data_dir = task_files.data
@@ -80,7 +97,15 @@ def test_sonnet_script_writes_generated_sonnets_for_dev_and_test(tmp_path, task_
         for sonnet, prompt in zip(generated, prompts):
             assert sonnet.text.startswith(prompt.text) and len(sonnet.text) > len(prompt.text)
     chrf = json.loads((tmp_path / "run" / "log.json").read_text())["final"]["dev"]["chrf"]
+    generated = read_sonnets(tmp_path / "predictions" / "lora-generated-sonnets-dev.txt")
+    references = read_sonnets(paths["dev_true"])[:4]
+    assert chrf == pytest.approx(CHRF().corpus_score([s.text for s in generated], [[s.text for s in references]]).score)
     assert 0 < chrf < 100
+
+
+def test_sonnet_prompt_longer_than_max_length_is_named(tmp_path, task_files):
+    code, _, err = run_script("sonnet", base_args(tmp_path, task_files, max_length=8))
+    assert code == 1 and "first lines take" in err and "--max-length 8" in err and "sonnet" in err
 
 
 def test_sonnet_dev_references_missing_or_incomplete(tmp_path, task_files):
@@ -162,13 +187,16 @@ def test_paraphrase_head_starts_as_the_cloze_on_the_answer_tokens(task_files):
     assert answers == [tokenizer.encode("no")[0], tokenizer.encode("yes")[0]] and ANSWERS == ("no", "yes")
 
 
-def test_answer_tokens_come_from_the_tokenizer(task_files, tmp_path):
+def test_answer_tokens_come_from_the_tokenizer(task_files, tmp_path, monkeypatch):
     from tests.tiny_tokenizer import write_tiny_tokenizer
 
     tiny = GPT2Tokenizer.from_pretrained(write_tiny_tokenizer(tmp_path))
     assert answer_token_ids(tiny) == [259, 262]  # the tiny vocabulary's "no" and "yes"
     if tokenizer_of(task_files).vocab_size == 50257:
         assert answer_token_ids(tokenizer_of(task_files)) == [3919, 8505]  # the course's ids
+    monkeypatch.setattr(tasks.paraphrase, "ANSWERS", ("nope", "yes"))
+    with pytest.raises(ValueError, match="splits 'nope' into 3 tokens"):
+        answer_token_ids(tiny)
 
 
 def test_paraphrase_prompt_cuts_the_questions_never_the_instruction(task_files):
@@ -253,18 +281,21 @@ def test_sonnet_loss_is_summed_over_real_tokens_only(tmp_path, task_files):
     assert sum(task.loss_terms(e) for e in examples) == sum(e.length - 1 for e in examples)
 
 
-def test_generation_drops_ids_the_tokenizer_cannot_decode(tmp_path):
-    """A model vocabulary larger than the tokenizer's (a padded embedding) must not crash the decoding."""
+def test_generation_drops_ids_the_tokenizer_cannot_decode(tmp_path, monkeypatch):
+    """A model vocabulary larger than the tokenizer's (a padded embedding) must not crash the decoding: ids
+    beyond the tokenizer's are dropped, every other one is kept."""
     from tests.tiny_tokenizer import write_tiny_tokenizer
+    import tasks.sonnet
 
     task = get_task("sonnet")
     task.tokenizer = GPT2Tokenizer.from_pretrained(write_tiny_tokenizer(tmp_path))  # 269 ids; the model has 50257
     prompt = "the yes\nno the\nis a\n"
     example = Example(id="7", input_ids=task.tokenizer.encode(prompt), text=prompt)
-    torch.manual_seed(0)
-    config = parse_args("sonnet", ["--max-new-tokens", "30", "--temperature", "5"])
+    sampled = [262, 300, 40000, 259, 268 + 1]  # "yes", two ids beyond the tokenizer's, "no", one more beyond
+    monkeypatch.setattr(tasks.sonnet, "generate", lambda *args, **kwargs: [sampled])
+    config = parse_args("sonnet", ["--max-new-tokens", "30"])
     [text] = task.predict(random_model("tiny"), [example], config, torch.device("cpu"))
-    assert text.startswith(prompt)
+    assert text == prompt + "yesno"
 
 
 # ----------------------------------------------------------------------------------------------- errors

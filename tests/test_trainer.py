@@ -304,6 +304,20 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, task_files):
         run_training("sst", config)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "foreign"])
+def test_resume_refuses_a_damaged_or_foreign_checkpoint(tmp_path, task_files, damage):
+    args = base_args(tmp_path, task_files)
+    assert run_script("sentiment", args)[0] == 0
+    path = checkpoint_path(tmp_path / "run")
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:1000])
+    else:  # a readable torch file that this project did not write
+        torch.save({"model": {}}, path)
+    code, _, err = run_script("sentiment", args + ["--resume"])
+    expected = "truncated or corrupt" if damage == "truncated" else "not a training checkpoint written by this project"
+    assert code == 1 and str(path) in err and expected in err
+
+
 def test_resume_without_a_checkpoint_says_so(tmp_path, task_files):
     code, _, err = run_script("sentiment", base_args(tmp_path, task_files, resume=True))
     assert code == 1 and "--resume: no checkpoint at" in err
