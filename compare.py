@@ -30,10 +30,11 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from data.atomic import atomic_save, atomic_write
+from data.readers import DataFormatError, check_file, default_paths
 from models.peft import METHOD_OPTIONS, METHODS, method_config_from_args
 from tasks import TASK_NAMES, get_task
 from tasks import checkpoint as ckpt
-from tasks.cli import build_parser, config_from_args, script_of
+from tasks.cli import SCRIPTS, build_parser, config_from_args, script_of
 from tasks.trainer import TrainingDiverged, run_training
 
 # The flags of models.peft.add_method_arguments and the MethodConfig option each one sets.
@@ -59,8 +60,10 @@ def method_list(text: str) -> list[str]:
 
 def parse_command(argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, dict]:
     """Compare's own flags, and the TrainConfig of each method (all validated before anything trains)."""
-    own = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
-                                  epilog="Any other flag is a training flag (see train_<script>.py --help).")
+    own = argparse.ArgumentParser(prog="compare.py", description=__doc__.split("\n")[0], allow_abbrev=False,
+                                  epilog="Any other flag is a training flag: see the task's script, " + ", ".join(
+                                      f"{' and '.join(tasks)}: python train_{script}.py --help"
+                                      for script, tasks in SCRIPTS.items()) + ".")
     own.add_argument("--task", required=True, choices=TASK_NAMES)
     own.add_argument("--methods", required=True, type=method_list, help=f"comma-separated, among {', '.join(METHODS)}")
     own.add_argument("--output-dir", help="where the runs and the comparison go (default: runs/compare-<task>)")
@@ -81,6 +84,7 @@ def parse_command(argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, di
     # The task script's parser, with no default for the flags compare sets itself (so that giving them is caught).
     parser = build_parser(script_of(args.task), default_task=args.task)
     parser.set_defaults(method=None, predictions_dir=None)
+    parser.error = own.error  # a bad training flag is reported with compare.py's usage, not the script's
 
     def parse_run_flags(tokens: list[str]) -> argparse.Namespace:
         ns = parser.parse_args(tokens)
@@ -117,6 +121,13 @@ def parse_command(argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, di
     if taken:
         own.error(f"{', '.join(taken)}: earlier runs are there: pass --resume (finished runs are reused, interrupted ones "
                   "continued), --overwrite, or another --output-dir")
+    first = next(iter(configs.values()))
+    for split in ("train", "dev"):  # shared by every run: one clear error now rather than one per method later
+        try:
+            check_file(default_paths(first.task, first.data_dir)[split])
+        except DataFormatError as error:
+            own.error(str(error))
+    args.own_flags = {m: shlex.join(flags) for m, flags in extra.items() if flags}
     return args, configs
 
 
@@ -196,17 +207,18 @@ def human_number(x: float) -> str:
 
 
 def human_percent(p: float) -> str:
-    return f"{p:.1f}%" if p >= 1 else f"{p:.2g}%"
+    return f"{p:.1f}%" if p >= 1 else f"{p:#.2g}%" if p else "0%"  # '#' keeps the trailing zero: 0.040%
 
 
-def table_rows(entries: list[dict], metric: str) -> tuple[list[dict], list[tuple]]:
+def table_rows(entries: list[dict], metric: str, own_flags: Optional[dict] = None) -> tuple[list[dict], list[tuple]]:
     """One row of raw numbers per method, and the columns as (key, header, formatter; None for text)."""
+    own_flags = own_flags or {}
     results = [e["result"] for e in entries if e["result"]]
     others = list(dict.fromkeys(k for r in results for k in r["dev_metrics"] if k != metric))
     rows = []
     for e in entries:
         row = {"method": e["method"], "status": "failed" if e["error"] else e["result"]["stopped"],
-               "lr": e["config"]["learning_rate"], "error": e["error"]}
+               "lr": e["config"]["learning_rate"], "own_flags": own_flags.get(e["method"]), "error": e["error"]}
         if r := e["result"]:
             row.update(trainable_params=r["trainable_params"], total_params=r["total_params"],
                        trainable_percent=100 * r["trainable_params"] / max(r["total_params"], 1),
@@ -218,11 +230,13 @@ def table_rows(entries: list[dict], metric: str) -> tuple[list[dict], list[tuple
         rows.append(row)
     columns = [("method", "method", None), ("trainable_params", "trainable params", "{:,}".format),
                ("trainable_percent", "trainable %", human_percent), ("adapter_bytes", "adapter size", human_bytes),
-               *[(f"dev_{k}", f"dev {k}", "{:.4f}".format) for k in [metric] + others],
+               *[(f"dev_{k}", f"dev {k}", ("{:.2f}" if k == "chrf" else "{:.4f}").format) for k in [metric] + others],
                ("epoch_seconds", "s/epoch", human_number), ("train_tokens_per_second", "train tokens/s", human_number),
                ("peak_memory_bytes", "peak memory", human_bytes),
                ("inference_ms_per_example", "ms/example", human_number),
                ("lr", "lr", "{:g}".format), ("status", "status", None)]
+    if any(row["own_flags"] for row in rows):  # --method-args: what each method ran with beyond the shared flags
+        columns.append(("own_flags", "own flags", None))
     return rows, columns
 
 
@@ -250,15 +264,10 @@ def plot(path: Path, rows: list[dict], metric: str, task: str) -> bool:
     figure = Figure(figsize=(6.4, 4.2))
     FigureCanvasAgg(figure)
     ax = figure.add_subplot()
-    values = [r[f"dev_{metric}"] for r in points]
-    span, placed = (max(values) - min(values)) or 1.0, []
-    for r in points:
-        x, y = r["trainable_params"], r[f"dev_{metric}"]
-        # Methods with nearly the same size and score (lora and reft often are) get their labels stacked.
-        near = sum(abs(math.log10(x / px)) < 0.25 and abs(y - py) < 0.04 * span for px, py in placed)
-        ax.scatter(x, y, s=40)
-        ax.annotate(r["method"], (x, y), xytext=(6, 4 - 12 * near), textcoords="offset points")
-        placed.append((x, y))
+    markers = "osD^vP*Xh<>"
+    for i, r in enumerate(points):  # a legend rather than labels beside the points: labels of close methods collide
+        ax.scatter(r["trainable_params"], r[f"dev_{metric}"], s=50, marker=markers[i % len(markers)], label=r["method"])
+    ax.legend(fontsize="small", loc="best")
     ax.set(xscale="log", xlabel="trainable parameters (log scale)", ylabel=f"dev {metric}",
            title=f"{task}: dev {metric} against trainable parameters")
     ax.margins(x=0.2, y=0.15)
@@ -270,9 +279,9 @@ def plot(path: Path, rows: list[dict], metric: str, task: str) -> bool:
 
 def write_outputs(out: Path, settings: dict, entries: list[dict], final: bool, in_process: bool = False) -> str:
     metric = settings["metric"]
-    rows, columns = table_rows(entries, metric)
+    rows, columns = table_rows(entries, metric, settings.get("own_flags"))
     fields = list(dict.fromkeys(["method", "status", "trainable_params", "total_params"]
-                                + [k for k, _, _ in columns[2:]] + ["error"]))
+                                + [k for k, _, _ in columns[2:]] + ["own_flags", "error"]))
     with atomic_write(out / "comparison.csv") as handle:
         writer = csv.DictWriter(handle, fields, lineterminator="\n")
         writer.writeheader()
@@ -284,6 +293,9 @@ def write_outputs(out: Path, settings: dict, entries: list[dict], final: bool, i
     if final and plot(out / "comparison.png", rows, metric, settings["task"]):
         wrote.append("comparison.png")
     notes = [f"{r['method']} failed: {r['error']}" for r in rows if r["error"]]
+    if any(r.get("epoch_seconds") is not None and r["epoch_seconds"] < 30 for r in rows):
+        notes.append("timings: one measurement per run, start-up and warm-up included; runs this short mostly measure "
+                     "those and the machine's load, so compare speed on full-size runs (or with bench/)")
     if in_process and any(e["result"] and e["result"]["device"] == "cpu" for e in entries):
         notes.append("peak memory on a CPU: the process's peak RSS in each run, memory an earlier run kept included")
     return "\n".join([markdown(rows, columns), *notes, "", f"wrote {', '.join(wrote)} in {out}"])
@@ -293,7 +305,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args, configs = parse_command(argv)
     out, first = args.output_dir, next(iter(configs.values()))
     settings = {"task": args.task, "metric": get_task(args.task).metric, "methods": args.methods,
-                "argv": list(sys.argv[1:] if argv is None else argv), **{name: getattr(first, name) for name in SHARED}}
+                "argv": list(sys.argv[1:] if argv is None else argv), "own_flags": args.own_flags,
+                **{name: getattr(first, name) for name in SHARED}}
     previous = {}
     if (out / "comparison.json").is_file() and any(c.resume for c in configs.values()):
         previous = {e["method"]: e for e in json.loads((out / "comparison.json").read_text())["runs"]}
@@ -314,7 +327,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"\ninterrupted; run the same command with --resume to continue ({out})", file=sys.stderr)
         return 130
-    print(f"\n{args.task}: {len(entries)} methods, {first.epochs} epochs, seed {first.seed}, model {first.model}, "
+    epochs = f"{first.epochs} epoch" + ("s" if first.epochs != 1 else "")
+    print(f"\n{args.task}: {len(entries)} methods, {epochs}, seed {first.seed}, model {first.model}, "
           f"{first.max_train_examples or 'all'} training examples\n")
     print(write_outputs(out, settings, entries, final=True, in_process=args.in_process))
     return 1 if any(e["error"] for e in entries) else 0

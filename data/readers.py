@@ -125,10 +125,11 @@ class _BadRow(Exception):
     """A row-level problem; `skip_malformed` decides whether it is fatal."""
 
 
-def _check_file(path: Path) -> None:
+def check_file(path: Path) -> None:
+    """A clear DataFormatError when `path` is missing or not a file."""
     if not path.exists():
         where = "directory does not exist" if not path.parent.is_dir() else "file not found"
-        raise DataFormatError(path, 0, f"{where} (pass --data-dir, run `python -m data.download --data-dir "
+        raise DataFormatError(path, 0, f"{where} (point --data-dir at the folder with the course's files, run `python -m data.download --data-dir "
                                        f"{path.parent}`, or copy the course's files in)")
     if not path.is_file():
         raise DataFormatError(path, 0, "not a regular file")
@@ -145,7 +146,7 @@ def _unquote(value: str) -> str:
 
 def _decoded(path: Path) -> str:
     """The file's text (UTF-8, optional BOM); a decoding error names the line it is on."""
-    _check_file(path)
+    check_file(path)
     raw = path.read_bytes()
     try:
         return raw.decode("utf-8-sig")

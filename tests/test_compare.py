@@ -23,7 +23,7 @@ HEADERS = ["method", "trainable params", "trainable %", "adapter size", "dev acc
            "train tokens/s", "peak memory", "ms/example", "lr", "status"]
 CSV_FIELDS = ["method", "status", "trainable_params", "total_params", "trainable_percent", "adapter_bytes",
               "dev_accuracy", "dev_macro_f1", "epoch_seconds", "train_tokens_per_second", "peak_memory_bytes",
-              "inference_ms_per_example", "lr", "error"]
+              "inference_ms_per_example", "lr", "own_flags", "error"]
 
 
 def compare_args(out, task_files, methods, *extra, **overrides) -> list[str]:
@@ -113,8 +113,9 @@ def test_a_failing_method_is_recorded_and_the_others_still_run_and_resume_retrie
     assert code == 1
     assert "lora failed: TrainingDiverged: training stopped: the loss" in err + printed
     rows = {row[0]: row for row in table_lines(printed)[1:]}
-    assert rows["lora"][-1] == "failed" and rows["lora"][1] == "-" and rows["lora"][10] == "1e+30"
-    assert rows["loreft"][-1] == "finished"
+    # The last column says what a method ran with beyond the shared flags (--method-args).
+    assert rows["lora"][-2:] == ["failed", "--lr 1e30"] and rows["lora"][1] == "-" and rows["lora"][10] == "1e+30"
+    assert rows["loreft"][-2:] == ["finished", "-"]
     saved = json.loads((tmp_path / "comparison.json").read_text())
     lora, loreft = saved["runs"]
     assert lora["result"] is None and lora["error"].startswith("TrainingDiverged")
@@ -144,11 +145,15 @@ def test_method_flags_go_to_the_methods_that_take_them(tmp_path, task_files):
     (["lora", "loreft"], ["--method-args", "bitfit=--lr 1"], "for one of the listed methods"),
     (["lora"], ["--method", "lora"], "--method is set by compare.py"),
     (["lora"], ["--predictions-dir", "elsewhere"], "--predictions-dir is set by compare.py"),
+    (["lora"], ["--epochs", "-1"], "compare.py: error: argument --epochs: must be a positive integer"),
+    (["lora", "loreft"], ["--data-dir", "nowhere"], "ids-sst-train.csv: directory does not exist"),
 ])
 def test_bad_command_lines_fail_before_training(tmp_path, task_files, capsys, methods, extra, message):
     with pytest.raises(SystemExit) as exit:
         main(compare_args(tmp_path, task_files, methods, *extra))
-    assert exit.value.code == 2 and message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and message in err and err.count("error:") == 1
+    assert "usage: compare.py" in err and "--methods" in err  # compare's own usage, whichever flag was wrong
     assert not any(tmp_path.iterdir())
 
 
@@ -161,6 +166,6 @@ def test_an_earlier_run_is_neither_overwritten_nor_skipped_silently(compared, ta
 
 def test_human_formatting():
     assert (human_bytes(500), human_bytes(289 * 1024 + 100), human_bytes(1.2 * 2**30)) == ("500 B", "289 KiB", "1.2 GiB")
-    assert (human_percent(100.0), human_percent(0.0595), human_percent(0.0021)) == ("100.0%", "0.059%", "0.0021%")
+    assert [human_percent(p) for p in (100.0, 0.0595, 0.0021, 0.04, 0)] == ["100.0%", "0.059%", "0.0021%", "0.040%", "0%"]
     assert [human_number(x) for x in (1234.4, 0.3123, 42.04, 2.0, 9.999, 99.96, 0)] == \
         ["1,234", "0.312", "42.0", "2.00", "10.0", "100", "0.00"]

@@ -308,7 +308,7 @@ def test_data_errors_surface_as_one_clear_line(tmp_path, task_files):
     code, _, err = run_script("sentiment", base_args(tmp_path, task_files._replace(data=data_dir)))
     assert code == 1 and err.startswith(f"error: {train}:4: unknown label '7'") and "Traceback" not in err
     code, _, err = run_script("sentiment", base_args(tmp_path, task_files._replace(data=tmp_path / "nowhere")))
-    assert code == 1 and f"{tmp_path / 'nowhere' / 'ids-sst-train.csv'}: directory does not exist (pass --data-dir" in err
+    assert code == 1 and f"{tmp_path / 'nowhere' / 'ids-sst-train.csv'}: directory does not exist (point --data-dir at the folder" in err
     code, _, err = run_script("sentiment", base_args(tmp_path, task_files) + ["--max-length", "5000", "--overwrite"])
     assert code == 1 and "--max-length 5000 exceeds the context of the model" in err
 
