@@ -431,7 +431,9 @@ class Trainer:
                 seconds_per_example = seconds / len(examples)
         if self.status == "running":
             self.status = "already finished" if already_finished else "finished"
-        self.write_log(final={"dev": dev_metrics, "predictions": {k: v for k, v in paths.items() if k.endswith("predictions")}})
+        peak_memory = peak_memory_bytes(self.device)
+        self.write_log(final={"dev": dev_metrics, "predictions": {k: v for k, v in paths.items() if k.endswith("predictions")},
+                              "peak_memory_bytes": peak_memory, "inference_seconds_per_example": seconds_per_example})
         epoch_seconds = [entry["train_seconds"] for entry in self.history]
         tokens = sum(entry["train_tokens"] for entry in self.history)
         result = RunResult(
@@ -441,7 +443,7 @@ class Trainer:
             total_params=self.summary["total"],
             adapter_bytes=adapter_file_size(best_dir) if (best_dir / "adapter_config.json").is_file() else 0,
             epoch_seconds=epoch_seconds, train_tokens_per_second=tokens / max(sum(epoch_seconds), 1e-9),
-            peak_memory_bytes=peak_memory_bytes(self.device), inference_seconds_per_example=seconds_per_example,
+            peak_memory_bytes=peak_memory, inference_seconds_per_example=seconds_per_example,
             precision=self.precision, device=str(self.device), world_size=self.dist.world_size, paths=paths,
         )
         score = f"dev {task.describe(dev_metrics)}" if dev_metrics else "no dev labels"

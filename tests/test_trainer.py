@@ -181,6 +181,8 @@ def test_run_writes_log_best_adapter_predictions_and_reports_what_compare_needs(
     assert result.adapter_bytes > 4 * result.trainable_params  # fp32 tensors + the JSON config
     assert result.train_tokens_per_second > 0 and result.peak_memory_bytes > 0
     assert result.inference_seconds_per_example > 0
+    assert (log["final"]["peak_memory_bytes"], log["final"]["inference_seconds_per_example"]) == \
+        (result.peak_memory_bytes, result.inference_seconds_per_example)
     assert result.best_dev_metric == result.dev_metrics["accuracy"]
     assert (tmp_path / "predictions" / "lora-sst-dev-out.csv").is_file()
     assert json.loads(json.dumps(result.to_dict()))["task"] == "sst"
