@@ -13,6 +13,7 @@ from models.peft import MethodConfig
 # Full fine-tuning moves 124M weights and wants a small step; the frozen-base methods train small
 # parts from scratch (or from identity) and want a large one. These are the course's defaults.
 DEFAULT_LR = {"full": 1e-5}
+GENERATION_FIELDS = ("temperature", "top_p", "max_new_tokens")
 DEFAULT_PEFT_LR = 1e-3
 
 
@@ -48,7 +49,7 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
 
-    # Generation (sonnet): the course's sampling settings.
+    # Generation (sonnet only: GENERATION_FIELDS): the course's sampling settings.
     temperature: float = 1.2
     top_p: float = 0.9
     max_new_tokens: int = 150
@@ -98,7 +99,11 @@ class TrainConfig:
         return Path(self.output_dir) if self.output_dir is not None else Path("runs") / f"{self.task}-{self.method.method}"
 
     def to_dict(self) -> dict:
+        """JSON-ready; the generation settings only for the task that generates."""
         out = dataclasses.asdict(self)
+        if self.task != "sonnet":
+            for name in GENERATION_FIELDS:
+                del out[name]
         out["method"] = self.method.to_dict()
         out["learning_rate"] = self.learning_rate
         return out

@@ -172,6 +172,7 @@ def test_run_writes_log_best_adapter_predictions_and_reports_what_compare_needs(
         assert {"train_loss", "train_seconds", "train_tokens_per_second", "lr", "dev"} <= set(entry)
         assert set(entry["dev"]) == {"accuracy", "macro_f1"}
     assert log["config"]["method"]["method"] == "lora" and log["parameters"]["trainable"] == result.trainable_params
+    assert "temperature" not in log["config"] and "temperature" in TrainConfig("sonnet").to_dict()  # sonnet's only
     # Every training example is seen once per epoch: the epoch's real tokens are the training set's.
     train = get_task("sst").load(config, GPT2Tokenizer.from_pretrained(task_files.tokenizer), 1024).splits["train"]
     assert [e["train_tokens"] for e in log["epochs"]] == [sum(x.length for x in train)] * 2
