@@ -200,14 +200,18 @@ def human_bytes(n: float) -> str:
 
 def human_number(x: float) -> str:
     """Three significant figures, trailing zeros kept so a column reads evenly: 1,234 / 56.7 / 2.00 / 0.123."""
+    if not math.isfinite(x) or x == 0:
+        return str(x) if x else "0"
     x = float(f"{x:.3g}") if abs(x) < 100 else x  # round first: 9.999 reads 10.0, not 10.00
     if abs(x) >= 100:
         return f"{x:,.0f}"
-    return f"{x:.{max(0, 2 - math.floor(math.log10(abs(x))))}f}" if x else "0.00"
+    return f"{x:.{max(0, 2 - math.floor(math.log10(abs(x))))}f}"
 
 
 def human_percent(p: float) -> str:
-    return f"{p:.1f}%" if p >= 1 else f"{p:#.2g}%" if p else "0%"  # '#' keeps the trailing zero: 0.040%
+    if p >= 1 or p == 0:
+        return f"{p:.1f}%" if p else "0%"
+    return f"{p:.{1 - math.floor(math.log10(p))}f}%"  # two significant figures, trailing zero kept: 0.040%
 
 
 def table_rows(entries: list[dict], metric: str, own_flags: Optional[dict] = None) -> tuple[list[dict], list[tuple]]:
@@ -226,7 +230,8 @@ def table_rows(entries: list[dict], metric: str, own_flags: Optional[dict] = Non
                        **{f"dev_{k}": r["dev_metrics"].get(k) for k in [metric] + others},
                        epoch_seconds=statistics.mean(r["epoch_seconds"]) if r["epoch_seconds"] else None,
                        train_tokens_per_second=r["train_tokens_per_second"], peak_memory_bytes=r["peak_memory_bytes"],
-                       inference_ms_per_example=1000 * r["inference_seconds_per_example"])
+                       inference_ms_per_example=None if r["inference_seconds_per_example"] is None
+                       else 1000 * r["inference_seconds_per_example"])
         rows.append(row)
     columns = [("method", "method", None), ("trainable_params", "trainable params", "{:,}".format),
                ("trainable_percent", "trainable %", human_percent), ("adapter_bytes", "adapter size", human_bytes),

@@ -127,7 +127,7 @@ def generate_text(model, tokenizer, prompts: Sequence[str], sampling: Optional[S
 
 
 def main(argv=None) -> int:
-    from models.gpt2 import PRECISION_CHOICES, GPT2Model
+    from models.gpt2 import PRECISION_CHOICES, PRECISION_HELP, GPT2Model
     from models.tokenizer import GPT2Tokenizer, tokenizer_source
 
     parser = argparse.ArgumentParser(description="Continue a prompt with GPT-2.")
@@ -142,10 +142,7 @@ def main(argv=None) -> int:
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    parser.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
-                        help="bf16 stores the weights in bf16 and runs matmuls in it: faster on GPUs and CPUs with "
-                        "bf16 support; fp32 reproduces the reference implementation exactly; auto (default) picks "
-                        "bf16 where the device supports it")
+    parser.add_argument("--precision", default="auto", choices=PRECISION_CHOICES, help=PRECISION_HELP)
     args = parser.parse_args(argv)
 
     if not args.sample and (args.temperature != 1.0 or args.top_k is not None or args.top_p is not None):

@@ -29,6 +29,8 @@ from modules.reft import PositionedIntervention
 
 PRECISIONS = ("fp32", "bf16")
 PRECISION_CHOICES = ("auto",) + PRECISIONS  # what command lines offer: auto resolves per device
+PRECISION_HELP = ("auto (default): bf16 on a GPU or a CPU with bf16 instructions, else fp32; bf16: frozen weights "
+                  "stored and matmuls run in bf16; fp32 reproduces the reference implementation exactly")
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
+import struct
 import zipfile
 from pathlib import Path
 
@@ -66,6 +68,24 @@ def read_config(path: Path) -> GPT2Config:
         raise CheckpointError(str(error)) from None
 
 
+def load_torch_file(path: Path):
+    """torch.load with weights_only=True (a file must not run code), every way it can fail as a CheckpointError
+    naming the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, IndexError,
+            struct.error) as error:  # IndexError and struct.error: a truncated file in torch's legacy format
+        unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        if unsupported:  # a class or function the file asks for: other Python objects, or a name cut short
+            raise CheckpointError(
+                f"{path}: refused: it asks for {unsupported.group(1)}, which is not a tensor type allowed with "
+                "weights_only=True (a file holding other Python objects, or a damaged one); save a plain state dict "
+                "or safetensors instead"
+            ) from None
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(f"{path}: cannot load this PyTorch file, truncated or corrupt ({reason})") from None
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Reads safetensors or a pickled .bin (with weights_only=True: a checkpoint must not run code)."""
     path = Path(path)
@@ -81,16 +101,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{path}: not a readable safetensors file, truncated or corrupt ({error})") from None
     if not head.startswith(b"PK") and not head.startswith(b"\x80"):
         raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
-        if "Weights only load failed" in str(error):
-            raise CheckpointError(
-                f"{path}: refused: the checkpoint holds Python objects other than tensors, which loading would have "
-                "to execute (it is read with weights_only=True); save a plain state dict or safetensors instead"
-            ) from None
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise CheckpointError(f"{path}: cannot load this PyTorch checkpoint, truncated or corrupt ({reason})") from None
+    state = load_torch_file(path)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: expected a flat mapping of tensor names to tensors")
     return state

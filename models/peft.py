@@ -140,12 +140,10 @@ def apply_method(gpt: GPT2Model, config: MethodConfig) -> GPT2Model:
     if config.method != "full":
         gpt.requires_grad_(False)
     if config.method in ("bitfit", "layernorm"):  # cheap baselines: every bias, or every LayerNorm's gain and bias
-        trains = (lambda name: name.endswith("bias")) if config.method == "bitfit" else (lambda name: name.startswith("ln_"))
         chosen = [gpt.h[index] for index in layers] + ([gpt.ln_f] if config.layers is None else [])
-        for module in chosen:
-            prefix = "ln_f" if module is gpt.ln_f else ""
-            for name, param in module.named_parameters(prefix=prefix):
-                param.requires_grad_(trains(name))
+        for module in (sub for part in chosen for sub in part.modules()):
+            for name, param in module.named_parameters(recurse=False):
+                param.requires_grad_(name == "bias" if config.method == "bitfit" else isinstance(module, nn.LayerNorm))
     elif config.method == "lora":
         for index in layers:
             gpt.h[index] = LoRAGPT2Layer(gpt.h[index], config.targets, config.rank, config.alpha, config.dropout,

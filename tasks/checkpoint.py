@@ -7,12 +7,12 @@ be able to run code). The best model itself is saved separately, as an adapter (
 """
 from __future__ import annotations
 
-import pickle
 import shutil
 from pathlib import Path
 import torch
 
 from data.atomic import atomic_save
+from models.loading import CheckpointError, load_torch_file
 
 CHECKPOINT_FORMAT = "gpt2-peft-training-checkpoint"
 RUN_FILES = ("log.json", "best", "last")
@@ -35,10 +35,9 @@ def load_checkpoint(path: Path, identity: dict) -> dict:
     if not path.is_file():
         raise ResumeError(f"--resume: no checkpoint at {path}; start the run without --resume")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ResumeError(f"{path}: cannot read this checkpoint, truncated or corrupt ({reason})") from None
+        state = load_torch_file(path)
+    except CheckpointError as error:
+        raise ResumeError(str(error)) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ResumeError(f"{path}: not a training checkpoint written by this project")
     saved = state.get("identity", {})

@@ -8,7 +8,7 @@ import sys
 from typing import Optional, Sequence
 
 from models.peft import add_method_arguments, method_config_from_args
-from models.gpt2 import PRECISION_CHOICES
+from models.gpt2 import PRECISION_CHOICES, PRECISION_HELP
 from tasks.config import TrainConfig
 
 SCRIPTS = {"sentiment": ("sst", "cfimdb"), "paraphrase": ("quora",), "sonnet": ("sonnet",)}
@@ -107,8 +107,7 @@ def build_parser(script: str, default_task: Optional[str] = None) -> argparse.Ar
     train.add_argument("--seed", type=int, default=defaults.seed,
                        help="seeds the initial weights, the batch order, dropout and sampling")
     train.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:N or auto")
-    train.add_argument("--precision", choices=PRECISION_CHOICES, default=defaults.precision,
-                       help="auto: bf16 on a GPU or a CPU with bf16 instructions, else fp32")
+    train.add_argument("--precision", choices=PRECISION_CHOICES, default=defaults.precision, help=PRECISION_HELP)
     train.add_argument("--patience", type=positive_int, default=None,
                        help="early stopping: stop after N evaluations without a better dev metric")
     train.add_argument("--eval-every", type=positive_int, default=defaults.eval_every,

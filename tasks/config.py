@@ -13,8 +13,8 @@ from models.peft import MethodConfig
 # Full fine-tuning moves 124M weights and wants a small step; the frozen-base methods train small
 # parts from scratch (or from identity) and want a large one. These are the course's defaults.
 DEFAULT_LR = {"full": 1e-5}
-GENERATION_FIELDS = ("temperature", "top_p", "max_new_tokens")
 DEFAULT_PEFT_LR = 1e-3
+GENERATION_FIELDS = ("temperature", "top_p", "max_new_tokens")  # used by the sonnet task only
 
 
 @dataclass

@@ -68,7 +68,7 @@ class RunResult:
     epoch_seconds: list  # training time of each epoch, evaluation excluded
     train_tokens_per_second: float  # real (non-padding) training tokens of all ranks per training second
     peak_memory_bytes: int  # torch.cuda.max_memory_allocated on a GPU, the peak RSS during the run on a CPU
-    inference_seconds_per_example: float  # final dev predictions, batched
+    inference_seconds_per_example: Optional[float]  # final dev predictions, batched; None without dev examples
     precision: str
     device: str
     world_size: int
@@ -412,7 +412,7 @@ class Trainer:
             load_adapter(self.model, best_dir)
         paths = {"run_dir": str(self.run_dir), "log": str(self.run_dir / "log.json"), "best": str(best_dir),
                  "checkpoint": str(ckpt.checkpoint_path(self.run_dir))}
-        dev_metrics, seconds_per_example = {}, 0.0
+        dev_metrics, seconds_per_example = {}, None
         for split in ("dev", "test"):
             examples = self.splits[split]
             if not examples:

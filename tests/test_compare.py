@@ -166,6 +166,8 @@ def test_an_earlier_run_is_neither_overwritten_nor_skipped_silently(compared, ta
 
 def test_human_formatting():
     assert (human_bytes(500), human_bytes(289 * 1024 + 100), human_bytes(1.2 * 2**30)) == ("500 B", "289 KiB", "1.2 GiB")
-    assert [human_percent(p) for p in (100.0, 0.0595, 0.0021, 0.04, 0)] == ["100.0%", "0.059%", "0.0021%", "0.040%", "0%"]
+    assert [human_percent(p) for p in (100.0, 0.0595, 0.0021, 0.04, 0, 1e-5)] == \
+        ["100.0%", "0.059%", "0.0021%", "0.040%", "0%", "0.000010%"]
     assert [human_number(x) for x in (1234.4, 0.3123, 42.04, 2.0, 9.999, 99.96, 0)] == \
-        ["1,234", "0.312", "42.0", "2.00", "10.0", "100", "0.00"]
+        ["1,234", "0.312", "42.0", "2.00", "10.0", "100", "0"]
+    assert human_number(float("nan")) == "nan" and human_number(-0.00123) == "-0.00123"

@@ -110,7 +110,18 @@ def test_bin_refuses_arbitrary_pickles(tmp_path):
     """weights_only=True: a pickle that would run code is rejected, not executed."""
     path = tmp_path / "pytorch_model.bin"
     torch.save({"weights": torch.zeros(1), "payload": subprocess.Popen}, path)
-    with pytest.raises(CheckpointError, match="refused: the checkpoint holds Python objects other than tensors"):
+    with pytest.raises(CheckpointError, match=r"refused: it asks for \S*Popen, which is not a tensor type"):
+        read_state_dict(path)
+
+
+@pytest.mark.parametrize("cut", [120, 200, -3])
+def test_truncated_legacy_format_bin_names_the_file(tmp_path, cut):
+    """torch's pre-zip format fails with IndexError or struct.error when cut short: still a CheckpointError."""
+    path = tmp_path / "pytorch_model.bin"
+    torch.save({"h.0.attn.c_attn.weight": torch.randn(8, 24)}, path, _use_new_zipfile_serialization=False)
+    path.write_bytes(path.read_bytes()[:cut])
+    with pytest.raises(CheckpointError, match=rf"{path.name}: (cannot load this PyTorch file, truncated or corrupt|"
+                                              r"refused: .* or a damaged one)"):
         read_state_dict(path)
 
 

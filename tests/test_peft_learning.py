@@ -48,7 +48,8 @@ def memorise(config: MethodConfig, lr: float, max_steps: int = 1500, **model_opt
     model, prompt, continuation = small_random_model_and_task(**model_options)
     apply_method(model, config)
     sequence = torch.cat([prompt, continuation])[None, :-1]
-    prompt_mask = torch.arange(sequence.shape[1])[None] < PROMPT_LENGTH  # interventions see the prompt only
+    # What generation marks as the prompt; it matters only to interventions at first/last positions ('all' edits every one).
+    prompt_mask = torch.arange(sequence.shape[1])[None] < PROMPT_LENGTH
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     sampling = SamplingConfig(max_new_tokens=CONTINUATION_LENGTH)
     for step in range(1, max_steps + 1):
