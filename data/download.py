@@ -201,22 +201,29 @@ def parse_sst_jsonl(raw: bytes) -> list[tuple[str, int]]:
 def parse_cfimdb_tsv(raw: bytes) -> list[tuple[str, int]]:
     """(text, label) per row of the counterfactually-augmented IMDb tsv (CSV-quoted columns Sentiment and
     Text; Negative = 0, Positive = 1)."""
-    reader = csv.reader(io.StringIO(_decode(raw), newline=""), delimiter="\t")
-    header = next(reader, None) or []
-    if "Sentiment" not in header or "Text" not in header:
-        raise _Garbled(f"line 1: expected the columns Sentiment and Text, found {header[:6]}")
-    label_at, text_at = header.index("Sentiment"), header.index("Text")
     rows = []
+    for line, record in _tsv_records(_decode(raw), ("Sentiment", "Text")):
+        label = {"Negative": 0, "Positive": 1}.get(record["Sentiment"])
+        if label is None:
+            raise _Garbled(f"line {line}: unknown sentiment {record['Sentiment']!r}")
+        rows.append((record["Text"], label))
+    return rows
+
+
+def _tsv_records(text: str, needed: tuple[str, ...], where: str = "", quoting: int = csv.QUOTE_MINIMAL):
+    """(line number, {column: value}) per non-empty row of a tab-separated text whose header names `needed`;
+    `where` prefixes the error messages."""
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=quoting)
+    header = next(reader, None) or []
+    if any(name not in header for name in needed):
+        columns = ", ".join(needed[:-1]) + " and " + needed[-1]
+        raise _Garbled(f"{where}line 1: expected the columns {columns}, found {header[:8]}")
     for fields in reader:
         if not fields:
             continue
         if len(fields) != len(header):
-            raise _Garbled(f"line {reader.line_num}: expected {len(header)} fields, found {len(fields)}")
-        label = {"Negative": 0, "Positive": 1}.get(fields[label_at])
-        if label is None:
-            raise _Garbled(f"line {reader.line_num}: unknown sentiment {fields[label_at]!r}")
-        rows.append((fields[text_at], label))
-    return rows
+            raise _Garbled(f"{where}line {reader.line_num}: expected {len(header)} fields, found {len(fields)}")
+        yield reader.line_num, dict(zip(header, fields))
 
 
 def parse_qqp_zip(raw: bytes, split: str) -> list[tuple[str, str, str, int]]:
@@ -230,22 +237,14 @@ def parse_qqp_zip(raw: bytes, split: str) -> list[tuple[str, str, str, int]]:
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as error:
         raise _Garbled(f"not a readable zip archive ({error})") from None
     # GLUE's tsvs are unquoted: a quote character is part of the question.
-    reader = csv.reader(io.StringIO(_decode(content), newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
-    header = next(reader, None) or []
-    needed = ("id", "question1", "question2", "is_duplicate")
-    if any(name not in header for name in needed):
-        raise _Garbled(f"{split}.tsv line 1: expected the columns {', '.join(needed)}, found {header[:8]}")
-    at = [header.index(name) for name in needed]
     rows = []
-    for fields in reader:
-        if not fields:
-            continue
-        if len(fields) != len(header):
-            raise _Garbled(f"{split}.tsv line {reader.line_num}: expected {len(header)} fields, found {len(fields)}")
-        pair_id, question1, question2, label = (fields[i] for i in at)
+    records = _tsv_records(_decode(content), ("id", "question1", "question2", "is_duplicate"), f"{split}.tsv ",
+                           quoting=csv.QUOTE_NONE)
+    for line, record in records:
+        label = record["is_duplicate"]
         if label.strip() not in ("0", "1"):
-            raise _Garbled(f"{split}.tsv line {reader.line_num}: is_duplicate {label!r} is not 0 or 1")
-        rows.append((pair_id.strip(), question1, question2, int(label)))
+            raise _Garbled(f"{split}.tsv line {line}: is_duplicate {label!r} is not 0 or 1")
+        rows.append((record["id"].strip(), record["question1"], record["question2"], int(label)))
     return rows
 
 
