@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import importlib
 import json
 import math
 import multiprocessing
@@ -31,16 +32,11 @@ from typing import Optional, Sequence
 
 from data.atomic import atomic_save, atomic_write
 from data.readers import DataFormatError, check_file, default_paths
-from models.peft import METHOD_OPTIONS, METHODS, method_config_from_args
+from models.methods import flag_options, get_method, method_names, registered_methods
 from tasks import TASK_NAMES, get_task
 from tasks import checkpoint as ckpt
-from tasks.cli import SCRIPTS, build_parser, config_from_args, script_of
+from tasks.cli import SCRIPTS, build_parser, config_from_args, method_config_from_args, option_dest, script_of
 from tasks.trainer import TrainingDiverged, run_training
-
-# The flags of models.peft.add_method_arguments and the MethodConfig option each one sets.
-METHOD_FLAGS = {"layers": "layers", "rank": "rank", "alpha": "alpha", "method_dropout": "dropout",
-                "lora_targets": "targets", "rslora": "rslora", "reft_components": "components",
-                "positions": "positions", "untie_positions": "tie_positions", "activation": "activation"}
 # What every method shares, or the comparison would not be fair: --method-args may not change these.
 SHARED = ("model", "tokenizer", "data_dir", "epochs", "batch_size", "grad_accum", "max_length", "max_train_examples",
           "max_eval_examples", "seed", "device", "precision", "patience", "eval_every")
@@ -51,8 +47,8 @@ FINISHED = ("finished", "early stopping", "already finished")
 def method_list(text: str) -> list[str]:
     methods = [m.strip() for m in text.split(",") if m.strip()]
     for m in methods:
-        if m not in METHODS:
-            raise argparse.ArgumentTypeError(f"unknown method {m!r}; choose among {', '.join(METHODS)}")
+        if m not in method_names():
+            raise argparse.ArgumentTypeError(f"unknown method {m!r}; choose among {', '.join(method_names())}")
     if not methods or len(set(methods)) < len(methods):
         raise argparse.ArgumentTypeError(f"list each method once, comma-separated; got {text!r}")
     return methods
@@ -65,7 +61,7 @@ def parse_command(argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, di
                                       f"{' and '.join(tasks)}: python train_{script}.py --help"
                                       for script, tasks in SCRIPTS.items()) + ".")
     own.add_argument("--task", required=True, choices=TASK_NAMES)
-    own.add_argument("--methods", required=True, type=method_list, help=f"comma-separated, among {', '.join(METHODS)}")
+    own.add_argument("--methods", required=True, type=method_list, help=f"comma-separated, among {', '.join(method_names())}")
     own.add_argument("--output-dir", help="where the runs and the comparison go (default: runs/compare-<task>)")
     own.add_argument("--in-process", action="store_true",
                      help="train every method in this process (faster start; peak memory then includes what "
@@ -95,16 +91,17 @@ def parse_command(argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, di
         return ns
 
     shared = parse_run_flags(rest)
-    unused = ["--" + flag.replace("_", "-") for flag, option in METHOD_FLAGS.items()
-              if getattr(shared, flag) is not None and not any(option in METHOD_OPTIONS[m] for m in args.methods)]
+    takes = {m: get_method(m).options for m in args.methods}
+    unused = [option.flag for option in flag_options() if getattr(shared, option_dest(option)) is not None
+              and not any(option.name in takes[m] for m in args.methods)]
     if unused:
         own.error(f"{', '.join(unused)} applies to none of the methods {','.join(args.methods)}")
     configs = {}
     for m in args.methods:
         ns, own_flags = parse_run_flags(rest + extra[m]), parse_run_flags(extra[m])
-        for flag, option in METHOD_FLAGS.items():
-            if getattr(own_flags, flag) is None and option not in METHOD_OPTIONS[m]:
-                setattr(ns, flag, None)  # a shared flag meant for the other methods
+        for option in flag_options():
+            if getattr(own_flags, option_dest(option)) is None and option.name not in takes[m]:
+                setattr(ns, option_dest(option), None)  # a shared flag meant for the other methods
         ns.method, ns.output_dir = m, str(args.output_dir / m)
         ns.predictions_dir = str(args.output_dir / m / "predictions")
         try:
@@ -156,7 +153,7 @@ def run_isolated(method: str, config) -> dict:
     process only grows: memory an earlier method used stays counted)."""
     context = multiprocessing.get_context("spawn")  # a clean interpreter: no forked torch threads or state
     receive, send = context.Pipe(duplex=False)
-    child = context.Process(target=_child, args=(method, config, send), name=f"compare-{method}")
+    child = context.Process(target=_child, args=(method, config, send, plugin_modules()), name=f"compare-{method}")
     child.start()
     send.close()  # the child holds the only writing end: its exit ends recv() with EOFError
     try:
@@ -174,8 +171,16 @@ def run_isolated(method: str, config) -> dict:
         receive.close()
 
 
-def _child(method: str, config, send) -> None:
+def plugin_modules() -> list[str]:
+    """The modules that registered methods beyond the built-in ones: a fresh process imports them too, so that it
+    knows every method this one does (a script's own __main__ is re-run by multiprocessing itself)."""
+    return sorted({m.apply.__module__ for m in registered_methods()} - {"models.methods", "__main__", "__mp_main__"})
+
+
+def _child(method: str, config, send, modules: list[str]) -> None:
     try:
+        for module in modules:
+            importlib.import_module(module)
         send.send(run_one(method, config))
     except KeyboardInterrupt:
         pass  # the parent reports the interruption once

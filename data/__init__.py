@@ -8,10 +8,8 @@ from data.readers import (
     SENTIMENT_LABELS,
     TASK_FILES,
     DataFormatError,
-    Examples,
     MalformedRowsWarning,
     ParaphraseExample,
-    ReadReport,
     SentimentExample,
     Sonnet,
     default_paths,
@@ -26,8 +24,8 @@ from data.readers import (
 )
 
 __all__ = [
-    "PARAPHRASE_COLUMN", "SENTIMENT_COLUMN", "SENTIMENT_LABELS", "TASK_FILES", "DataFormatError", "Examples",
-    "MalformedRowsWarning", "ParaphraseExample", "ReadReport", "SentimentExample", "Sonnet", "atomic_save", "atomic_write",
+    "PARAPHRASE_COLUMN", "SENTIMENT_COLUMN", "SENTIMENT_LABELS", "TASK_FILES", "DataFormatError",
+    "MalformedRowsWarning", "ParaphraseExample", "SentimentExample", "Sonnet", "atomic_save", "atomic_write",
     "default_paths", "read_paraphrase", "read_predictions", "read_sentiment", "read_sonnets", "write_paraphrase",
     "write_predictions", "write_sentiment", "write_sonnets",
 ]

@@ -36,6 +36,12 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
             os.fsync(file.fileno())
         os.chmod(temp, 0o666 & ~_umask())  # mkstemp creates 0600; the result should be readable like any file
         os.replace(temp, path)
+    except OSError as error:
+        temp.unlink(missing_ok=True)
+        if str(path) in str(error) or error.errno is None:
+            raise
+        # "[Errno 28] No space left on device" alone does not say which write failed.
+        raise OSError(error.errno, f"cannot write {path}: {error.strerror or error}") from error
     except BaseException:
         temp.unlink(missing_ok=True)
         raise

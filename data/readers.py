@@ -21,7 +21,7 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Generic, Iterable, Iterator, Optional, Sequence, TypeVar, Union
+from typing import Callable, Iterable, Iterator, Optional, Sequence, TypeVar, Union
 
 from data.atomic import atomic_write
 
@@ -96,7 +96,8 @@ class Sonnet:
 
 @dataclass
 class ReadReport:
-    """How reading a table went: data rows seen and the (line, problem) of each skipped one."""
+    """How reading a table went, for the MalformedRowsWarning: data rows seen and the (line, problem) of each
+    skipped one."""
 
     path: Path
     rows: int = 0
@@ -108,14 +109,6 @@ class ReadReport:
 
 
 T = TypeVar("T")
-
-
-class Examples(list, Generic[T]):
-    """A plain list of examples that also carries its `ReadReport` (`examples.report.n_skipped`)."""
-
-    def __init__(self, items: Iterable[T], report: ReadReport):
-        super().__init__(items)
-        self.report = report
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -172,7 +165,7 @@ def _read_table(
     optional: Sequence[str],
     make: Callable[[dict[str, str]], T],
     skip_malformed: bool,
-) -> Examples[T]:
+) -> list[T]:
     """Rows of a tab-separated table as `make({column: stripped value})`, with duplicate ids refused."""
     path = Path(path)
     rows = _physical_rows(path)
@@ -208,7 +201,7 @@ def _read_table(
         raise DataFormatError(path, header_line + 1, "no data rows after the header")
     if report.skipped:
         _warn_skipped(report)
-    return Examples(examples, report)
+    return examples
 
 
 def _warn_skipped(report: ReadReport) -> None:
@@ -251,11 +244,11 @@ def read_sentiment(
     labels: Optional[Sequence[int]] = None,
     require_labels: bool = True,
     skip_malformed: bool = False,
-) -> Examples[SentimentExample]:
+) -> list[SentimentExample]:
     """Rows of an `ids-{sst,cfimdb}-*.csv` file. `labels`: the allowed label values (e.g. range(5) for SST);
     None accepts any integer. Test-student files have no `sentiment` column: read them with
-    require_labels=False (labels are then None). With skip_malformed=True, bad rows are skipped, counted in
-    the result's `.report` and announced with one MalformedRowsWarning."""
+    require_labels=False (labels are then None). With skip_malformed=True, bad rows are skipped and announced
+    with one MalformedRowsWarning (the file, how many of how many rows, their lines, the first problem)."""
     allowed = tuple(labels) if labels is not None else None
 
     def make(values: dict[str, str]) -> SentimentExample:
@@ -271,7 +264,7 @@ def read_sentiment(
 
 def read_paraphrase(
     path: PathLike, require_labels: bool = True, skip_malformed: bool = False
-) -> Examples[ParaphraseExample]:
+) -> list[ParaphraseExample]:
     """Rows of a `quora-*.csv` file; is_duplicate 0.0 / 1.0 becomes label 0 / 1 (None where the file has no
     labels and require_labels=False). skip_malformed as in read_sentiment."""
 

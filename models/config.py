@@ -29,11 +29,6 @@ class GPT2Config:
             raise ValueError(f"GPT2Config.dropout must be in [0, 1), got {self.dropout}")
 
     @property
-    def hidden_size(self) -> int:
-        """The course code's name for n_embd."""
-        return self.n_embd
-
-    @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 

@@ -25,7 +25,6 @@ from modules.attention import build_attention_mask
 from modules.context import ForwardContext
 from modules.gpt2_layer import GPT2Layer
 from modules.kv_cache import KVCache
-from modules.reft import PositionedIntervention
 
 PRECISIONS = ("fp32", "bf16")
 PRECISION_CHOICES = ("auto",) + PRECISIONS  # what command lines offer: auto resolves per device
@@ -114,18 +113,20 @@ class GPT2Model(nn.Module):
         return self.forward_trainable_suffix(input_ids, attention_mask, k)
 
     def trainable_suffix_length(self) -> Optional[int]:
-        """k when every trainable parameter of the model belongs to interventions at the last k prompt tokens
-        ('l1', 'l3', ...): then training can change the hidden states of those tokens only. None when anything
-        else trains (full, bitfit, layernorm, LoRA, interventions at 'all' or first tokens) or nothing does."""
+        """k when every trainable parameter of the model belongs to modules that act on each row's last k prompt
+        tokens only: then training can change the hidden states of those tokens only. A module says so through a
+        `suffix_reach` attribute (k, or None when it acts elsewhere too; modules/reft.py's interventions have
+        one). None when anything else trains (a weight, an intervention at 'all' or first tokens) or nothing does."""
         k, covered = 0, set()
         for module in self.modules():
-            if isinstance(module, PositionedIntervention):
+            if hasattr(type(module), "suffix_reach"):
                 params = [p for p in module.parameters() if p.requires_grad]
                 if not params:
                     continue
-                if module.slots is None or any(side != "l" for side, _ in module.slots):
+                reach = module.suffix_reach
+                if reach is None:
                     return None
-                k = max(k, len(module.slots))
+                k = max(k, reach)
                 covered.update(id(p) for p in params)
         if k == 0 or any(p.requires_grad and id(p) not in covered for p in self.parameters()):
             return None

@@ -8,7 +8,6 @@ comes first in merges.txt. Words repeat a lot in natural text, so each word's id
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
@@ -49,19 +48,6 @@ _BYTE_TO_CHAR = bytes_to_unicode()
 # str.translate tables: a word's UTF-8 bytes read as latin-1 (one character per byte) -> byte alphabet, and back.
 _ENCODE_BYTES = {byte: char for byte, char in _BYTE_TO_CHAR.items()}
 _DECODE_BYTES = {ord(char): byte for byte, char in _BYTE_TO_CHAR.items()}
-
-
-@dataclass
-class BatchEncoding:
-    """A padded batch. `attention_mask` is 1 on real tokens; `lengths` are the real token counts."""
-
-    input_ids: torch.Tensor  # (B, T) long, padded with the tokenizer's pad_token_id
-    attention_mask: torch.Tensor  # (B, T) long
-    lengths: list[int]
-    num_truncated: int  # how many texts were cut to max_length
-
-    def to(self, device: Union[str, torch.device]) -> "BatchEncoding":
-        return BatchEncoding(self.input_ids.to(device), self.attention_mask.to(device), self.lengths, self.num_truncated)
 
 
 class GPT2Tokenizer:
@@ -195,45 +181,6 @@ class GPT2Tokenizer:
                     i += 1
             parts = merged
         return tuple(self._encoder[part] for part in parts)
-
-    # ---- batches ----------------------------------------------------------------------------------
-
-    def __call__(self, texts: Sequence[str], max_length: Optional[int] = None, padding_side: str = "right",
-                 truncation_side: str = "right", add_eos: bool = False) -> BatchEncoding:
-        """Encodes and pads a batch.
-
-        add_eos appends `<|endoftext|>` before truncation, so a text cut on the right loses it (it does
-        not end there). truncation_side "right" keeps a text's beginning, "left" its end. A text that
-        encodes to nothing is kept with length 0 (its row is all padding).
-        """
-        if isinstance(texts, str) or not isinstance(texts, Sequence):
-            raise ValueError(f"texts must be a list of strings, got {type(texts).__name__}"
-                             + (" (wrap a single text in a list)" if isinstance(texts, str) else ""))
-        if len(texts) == 0:
-            raise ValueError("texts is empty: nothing to encode")
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise ValueError(f"texts[{i}] is a {type(text).__name__}, not a str")
-        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
-            raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
-        for name, side in (("padding_side", padding_side), ("truncation_side", truncation_side)):
-            if side not in ("left", "right"):
-                raise ValueError(f"{name} must be 'left' or 'right', got {side!r}")
-
-        rows, num_truncated = [], 0
-        for text in texts:
-            ids = self.encode(text)
-            if add_eos:
-                ids.append(self.eos_token_id)
-            if max_length is not None and len(ids) > max_length:
-                ids = ids[:max_length] if truncation_side == "right" else ids[len(ids) - max_length:]
-                num_truncated += 1
-            rows.append(ids)
-
-        input_ids, attention_mask = pad_sequences(rows, self.pad_token_id, side=padding_side)
-        return BatchEncoding(input_ids, attention_mask, [len(ids) for ids in rows], num_truncated)
-
-    encode_batch = __call__
 
 
 def pad_sequences(sequences: Sequence[Sequence[int]], pad_id: int = 0, side: str = "right",

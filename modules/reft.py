@@ -28,6 +28,7 @@ ACTIVATIONS = {
     "tanh": nn.Tanh,
 }
 COMPONENTS = ("attention", "ffn")
+POSITIONS_RULE = "must be 'all' or like 'f1+l1', 'l3', 'f2+l2' (first/last k prompt tokens)"
 
 
 class LowRankIntervention(nn.Module):
@@ -81,9 +82,7 @@ def parse_positions(spec: str) -> Optional[list[tuple[str, int]]]:
     for part in spec.split("+"):
         match = re.fullmatch(r"([fl])(\d+)", part)
         if not match or int(match.group(2)) < 1 or slots[match.group(1)]:
-            raise ValueError(
-                f"positions must be 'all' or like 'f1+l1', 'l3', 'f2+l2' (first/last k prompt tokens); got {spec!r}"
-            )
+            raise ValueError(f"positions {POSITIONS_RULE}; got {spec!r}")
         slots[match.group(1)] = int(match.group(2))
     return [("f", i) for i in range(slots["f"])] + [("l", i) for i in range(slots["l"])]
 
@@ -123,6 +122,15 @@ class PositionedIntervention(nn.Module):
         self.interventions = nn.ModuleList(
             LowRankIntervention(dim, rank, **intervention_options) for _ in range(count)
         )
+
+    @property
+    def suffix_reach(self) -> Optional[int]:
+        """k when this module edits only each row's last k prompt tokens ('l1', 'l3', ...), so that its parameters
+        cannot affect any token before them; None when it edits others too. GPT2Model's gradient-free prefix
+        (`trainable_suffix_length`) reads this from any module that declares it."""
+        if self.slots is None or any(side != "l" for side, _ in self.slots):
+            return None
+        return len(self.slots)
 
     def forward(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         if self.slots is None:

@@ -1,4 +1,5 @@
-"""The resume checkpoint (<run>/last/checkpoint.pt) and the run directory's guard against silent overwrites.
+"""The resume checkpoint (<run>/last/checkpoint.pt), the run directory's guard against silent overwrites, and its
+lock against two runs at once.
 
 The checkpoint holds what an interrupted run needs to continue exactly where it stopped: the trainable
 tensors, the optimizer and scheduler state, every rank's RNG state, the position in the epoch, the best dev
@@ -7,8 +8,12 @@ be able to run code). The best model itself is saved separately, as an adapter (
 """
 from __future__ import annotations
 
+import fcntl
+import os
 import shutil
+import time
 from pathlib import Path
+
 import torch
 
 from data.atomic import atomic_save
@@ -51,21 +56,82 @@ def load_checkpoint(path: Path, identity: dict) -> dict:
     return state
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, is_main: bool) -> None:
-    """Refuses to start over an earlier run's results unless told to resume or overwrite; with --overwrite,
-    removes that run's files (only those this trainer writes)."""
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> bool:
+    """Refuses to start over an earlier run's results unless told to resume or overwrite; deletes nothing (an
+    --overwrite run clears the old files only once its own model and data have loaded: `clear_run_dir`).
+    Returns whether the run starts afresh over earlier files: with --overwrite, or with --resume when the
+    earlier run was interrupted before it wrote its first checkpoint (it then simply starts again)."""
     existing = [name for name in RUN_FILES if (run_dir / name).exists()]
     if resume:
-        return
+        if checkpoint_path(run_dir).is_file():
+            return False
+        if not existing:
+            raise ResumeError(f"--resume: no checkpoint at {checkpoint_path(run_dir)}; start the run without --resume")
+        return True  # interrupted before the first checkpoint: nothing to continue, so it starts again
     if existing and not overwrite:
         raise FileExistsError(
             f"{run_dir} already holds a run ({', '.join(existing)}); pass --resume to continue it, --overwrite to "
             "start again, or choose another --output-dir"
         )
-    if existing and is_main:
-        for name in existing:
-            path = run_dir / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return bool(existing)
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """Removes an earlier run's files (only those this trainer writes)."""
+    for name in RUN_FILES:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def remove_stale_temp_files(run_dir: Path) -> list[Path]:
+    """Deletes the temporary files of atomic writes that a killed run left in the run directory (`.<name>.*.tmp`
+    beside a checkpoint or adapter). Call it holding the run's lock, so that no live run's file goes."""
+    stale = [path for folder in (run_dir, run_dir / "best", run_dir / "last") if folder.is_dir()
+             for path in folder.glob(".*.tmp") if path.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+class RunDirInUse(OSError):
+    """Another process is training into the same run directory."""
+
+
+class RunLock:
+    """An exclusive lock on a run directory (`<run>/.lock`, flock), held while a run trains: a second run into
+    the same directory is refused with the first one's process id, and a run that dies, even by kill -9, leaves
+    no stale lock (the kernel releases it with the process)."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / ".lock"
+        self.handle = None
+
+    def acquire(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            handle.close()
+            raise RunDirInUse(f"{self.path.parent} is in use by another run ({owner}); wait for it to finish, or "
+                              "choose another --output-dir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        self.handle = handle
+        return self
+
+    def release(self) -> None:
+        if self.handle is not None:
+            fcntl.flock(self.handle, fcntl.LOCK_UN)
+            self.handle.close()
+            self.handle = None
 
 
 def rng_state(device: torch.device) -> dict:
@@ -79,10 +145,6 @@ def restore_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def restore_trainable(model: torch.nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:

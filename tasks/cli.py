@@ -7,9 +7,18 @@ import dataclasses
 import sys
 from typing import Optional, Sequence
 
-from models.peft import add_method_arguments, method_config_from_args
 from models.gpt2 import PRECISION_CHOICES, PRECISION_HELP
+from models.methods import (
+    MethodConfig,
+    OPTIONS,
+    OptionError,
+    flag_options,
+    get_method,
+    method_names,
+    registered_methods,
+)
 from tasks.config import TrainConfig
+from tasks.trainer import TrainingDiverged, run_training
 
 SCRIPTS = {"sentiment": ("sst", "cfimdb"), "paraphrase": ("quora",), "sonnet": ("sonnet",)}
 DESCRIPTIONS = {
@@ -131,6 +140,62 @@ def build_parser(script: str, default_task: Optional[str] = None) -> argparse.Ar
     return parser
 
 
+def add_method_arguments(parser: argparse.ArgumentParser) -> None:
+    """--method and one flag per method option, all from the registry (models/methods.py). Option flags default
+    to None, so that what was not given takes the chosen method's default and what was given can be checked."""
+    group = parser.add_argument_group("fine-tuning method")
+    group.add_argument("--method", default=MethodConfig().method, choices=method_names(), help="what to train")
+    for option in flag_options():
+        help = f"{option.help} ({defaults_by_method(option.name)})"
+        if option.switch is not None:
+            group.add_argument(option.flag, dest=option_dest(option), action="store_const", const=option.switch,
+                               default=None, help=help)
+        else:
+            group.add_argument(option.flag, dest=option_dest(option), default=None, choices=option.choices, help=help)
+
+
+def option_dest(option) -> str:
+    """The argparse attribute of an option's flag: --lora-targets -> lora_targets."""
+    return option.flag.lstrip("-").replace("-", "_")
+
+
+def defaults_by_method(name: str) -> str:
+    """'default 8 for lora, reft; 4 for loreft, noreft, direft': each method's default for one option."""
+    groups: dict[str, list[str]] = {}
+    for method in registered_methods():
+        if name in method.options:
+            groups.setdefault(OPTIONS[name].describe(method.options[name]), []).append(method.name)
+    if len(groups) == 1:
+        (default, users), = groups.items()
+        return f"{', '.join(users)}; default {default}"
+    return "default " + "; ".join(f"{default} for {', '.join(users)}" for default, users in groups.items())
+
+
+def method_config_from_args(args: argparse.Namespace, parser: Optional[argparse.ArgumentParser] = None) -> MethodConfig:
+    """The MethodConfig of add_method_arguments' flags. A flag the method does not take, or a bad value, is a
+    command-line error naming the flag (a ValueError without a parser)."""
+    def fail(message: str):
+        if parser is not None:
+            parser.error(message)
+        raise ValueError(message)
+
+    spec, options = get_method(args.method), {}
+    for option in flag_options():
+        raw = getattr(args, option_dest(option), None)
+        if raw is None:
+            continue
+        if option.name not in spec.options:
+            fail(f"{option.flag} does not apply to method {args.method!r}")
+        try:
+            options[option.name] = raw if option.switch is not None else option.parse(raw)
+        except ValueError as error:
+            fail(f"{option.flag} {error}")
+    try:
+        return MethodConfig(args.method, **options)
+    except OptionError as error:
+        fail(f"{error.option.flag} {error.detail}")
+
+
 def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainConfig:
     method = method_config_from_args(args, parser)
     # Flags are named after TrainConfig's fields; a script without some flags (sampling) keeps their defaults.
@@ -150,8 +215,6 @@ def parse_args(task: str, argv: Optional[Sequence[str]] = None) -> TrainConfig:
 
 
 def main(script: str, argv: Optional[Sequence[str]] = None) -> int:
-    from tasks.trainer import TrainingDiverged, run_training
-
     parser = build_parser(script)
     config = config_from_args(parser.parse_args(argv), parser)
     try:

@@ -8,12 +8,8 @@ from pathlib import Path
 from typing import Optional
 
 from models.gpt2 import PRECISION_CHOICES
-from models.peft import MethodConfig
+from models.methods import MethodConfig
 
-# Full fine-tuning moves 124M weights and wants a small step; the frozen-base methods train small
-# parts from scratch (or from identity) and want a large one. These are the course's defaults.
-DEFAULT_LR = {"full": 1e-5}
-DEFAULT_PEFT_LR = 1e-3
 GENERATION_FIELDS = ("temperature", "top_p", "max_new_tokens")  # used by the sonnet task only
 
 
@@ -28,7 +24,7 @@ class TrainConfig:
     predictions_dir: str = "predictions"
 
     epochs: int = 10
-    lr: Optional[float] = None  # None: 1e-5 for full fine-tuning, 1e-3 for the other methods
+    lr: Optional[float] = None  # None: the method's default (models/methods.py: 1e-5 for full, 1e-3 for the rest)
     batch_size: int = 8  # examples per micro-batch, over all ranks together
     grad_accum: int = 1  # micro-batches per optimizer step
     eval_batch_size: int = 32
@@ -88,7 +84,7 @@ class TrainConfig:
 
     @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR.get(self.method.method, DEFAULT_PEFT_LR)
+        return self.lr if self.lr is not None else self.method.spec.lr
 
     def example_limit(self, split: str) -> Optional[int]:
         """How many examples of a split to use (--max-train-examples / --max-eval-examples): the first N."""

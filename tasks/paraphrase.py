@@ -11,7 +11,7 @@ from pathlib import Path
 
 from torch import nn
 
-from data.readers import read_paraphrase
+from data.readers import PARAPHRASE_COLUMN, read_paraphrase
 from tasks.classification import ClassificationTask, LastTokenClassifier
 
 # The prompt around the two questions, in three pieces: before question 1, between them, after question 2.
@@ -53,7 +53,7 @@ class ParaphraseTask(ClassificationTask):
     name, file_stem = "quora", "para"
     metric = "accuracy"
     num_labels = 2
-    prediction_column = "Predicted_Is_Paraphrase"
+    prediction_column = PARAPHRASE_COLUMN
 
     def read_rows(self, path: Path, require_labels: bool) -> list:
         return read_paraphrase(path, require_labels=require_labels)

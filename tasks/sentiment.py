@@ -5,24 +5,23 @@ from pathlib import Path
 
 from torch import nn
 
-from data.readers import read_sentiment
+from data.readers import SENTIMENT_COLUMN, SENTIMENT_LABELS, read_sentiment
 from tasks.classification import ClassificationTask, LastTokenClassifier
-
-NUM_LABELS = {"sst": 5, "cfimdb": 2}
 
 
 class SentimentTask(ClassificationTask):
     metric = "accuracy"
-    prediction_column = "Predicted_Sentiment"
+    prediction_column = SENTIMENT_COLUMN
 
     def __init__(self, name: str):
-        if name not in NUM_LABELS:
-            raise ValueError(f"unknown sentiment data set {name!r}; choose one of {', '.join(NUM_LABELS)}")
+        if name not in SENTIMENT_LABELS:
+            raise ValueError(f"unknown sentiment data set {name!r}; choose one of {', '.join(SENTIMENT_LABELS)}")
         self.name = self.file_stem = name
-        self.num_labels = NUM_LABELS[name]
+        self.labels = SENTIMENT_LABELS[name]
+        self.num_labels = len(self.labels)
 
     def read_rows(self, path: Path, require_labels: bool) -> list:
-        return read_sentiment(path, labels=range(self.num_labels), require_labels=require_labels)
+        return read_sentiment(path, labels=self.labels, require_labels=require_labels)
 
     def encode_row(self, tokenizer, row, max_length: int) -> tuple[list[int], bool]:
         """A text too long for the context keeps its end, the part the last token has just read (reviews tend

@@ -18,7 +18,6 @@ from torch import nn
 
 from data.readers import Sonnet, default_paths, read_sonnets, write_sonnets
 from models.generation import SamplingConfig, generate
-from models.peft import MethodConfig
 from models.tokenizer import pad_sequences
 from tasks.config import TrainConfig
 from tasks.task import Example, Task, TaskData
@@ -35,11 +34,7 @@ def split_prompt(text: str) -> tuple[str, str]:
 class SonnetTask(Task):
     name = "sonnet"
     metric = "chrf"
-
-    def check_method(self, method: MethodConfig) -> None:
-        if method.method == "last-linear-layer":
-            raise ValueError("--method last-linear-layer trains only a task head, and the sonnet task has none (its "
-                             "LM head is the tied token embedding); choose full, bitfit, layernorm, lora or a ReFT method")
+    no_head = "its LM head is the tied token embedding"
 
     def load(self, config: TrainConfig, tokenizer, max_length: int) -> TaskData:
         self.tokenizer = tokenizer  # generation decodes with it

@@ -11,7 +11,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from models.peft import MethodConfig
+from models.methods import MethodConfig, registered_methods
 from tasks.config import TrainConfig
 
 SPLITS = ("train", "dev", "test")
@@ -41,9 +41,15 @@ class TaskData:
 class Task(ABC):
     name: str
     metric: str  # the dev metric that picks the best checkpoint (higher is better)
+    no_head: Optional[str] = None  # why the task has no trainable head of its own; None: it has one
 
     def check_method(self, method: MethodConfig) -> None:
-        """Raises ValueError when the method cannot train anything on this task."""
+        """Raises ValueError when the method cannot train anything on this task: one that trains only a task's
+        head, on a task without one."""
+        if self.no_head is not None and not method.spec.adapts_gpt2:
+            adapting = ", ".join(m.name for m in registered_methods() if m.adapts_gpt2)
+            raise ValueError(f"--method {method.method} trains only a task head, and the {self.name} task has none "
+                             f"({self.no_head}); choose one of {adapting}")
 
     @abstractmethod
     def load(self, config: TrainConfig, tokenizer, max_length: int) -> TaskData:

@@ -2,7 +2,7 @@
 
     from tasks.cli import parse_args
     from tasks.trainer import run_training
-    result = run_training("sst", parse_args("sst", ["--method", "loreft", "--epochs", "3"]))
+    result = run_training("sst", parse_args("sst", ["--method", "loreft", "--epochs", "3"]))   # or a TrainConfig
     print(result.best_dev_metric, result.train_tokens_per_second)
 
 Per epoch: length-bucketed batches from the seed, gradient accumulation, warmup then linear decay, gradient
@@ -15,12 +15,13 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import re
 import resource
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional, Union
 
@@ -31,16 +32,19 @@ from tqdm import tqdm
 from models.gpt2 import GPT2Model, resolve_precision
 from data.atomic import atomic_save
 from models.peft import (
+    ADAPTER_CONFIG,
     adapter_file_size,
     apply_method,
     format_parameter_summary,
     load_adapter,
     parameter_summary,
     save_adapter,
+    trained_tensors,
 )
 from models.tokenizer import GPT2Tokenizer
 from models.tokenizer import tokenizer_source as models_tokenizer_source
 from modules.optimizer import AdamW
+import tasks
 from tasks import checkpoint as ckpt
 from tasks.batching import bucketed_batches
 from tasks.config import TrainConfig
@@ -50,6 +54,43 @@ from tasks.task import Example, Task
 
 class TrainingDiverged(RuntimeError):
     """The loss or the gradients became NaN or infinite."""
+
+
+@dataclass
+class Progress:
+    """Where training stands, as the resume checkpoint stores it: the epoch (0-based), the next micro-batch in
+    it, the optimizer steps of the whole run, and this epoch's running sums (this rank's loss, loss terms and
+    tokens; all ranks' gradient norms)."""
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    epoch_steps: int = 0
+    loss_sum: float = 0.0
+    terms: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    grad_norm_sum: float = 0.0
+
+    def next_epoch(self) -> "Progress":
+        return Progress(epoch=self.epoch + 1, step=self.step)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "Progress":
+        raw = dict(raw)
+        if "steps" in raw:  # checkpoints written before this field had its name
+            raw["epoch_steps"] = raw.pop("steps")
+        return cls(**{f.name: raw[f.name] for f in fields(cls)})
+
+
+@dataclass
+class Best:
+    """The best dev evaluation so far: its metric (None without dev labels), its 1-based epoch, and how many
+    evaluations since have not beaten it (early stopping counts these)."""
+
+    metric: Optional[float] = None
+    epoch: Optional[int] = None
+    stale: int = 0
 
 
 @dataclass
@@ -125,6 +166,19 @@ def peak_memory_bytes(device: torch.device) -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
+def ensure_writable(directory: Path) -> None:
+    """Creates `directory` if needed and checks that a file can be written there, so that a read-only or missing
+    output location stops the run before training instead of after an epoch."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test-{os.getpid()}.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise OSError(error.errno, f"cannot write in {directory} ({error.strerror or error}); choose another "
+                      "--output-dir / --predictions-dir or free the disk") from None
+
+
 class LossModule(nn.Module):
     """The task model with the task's loss as its forward, so that DistributedDataParallel can wrap it."""
 
@@ -143,17 +197,11 @@ class Trainer:
         self.run_dir = config.run_dir
         self.precision = resolve_precision(config.precision, device)
         self.history: list[dict] = []
-        self.best = {"metric": None, "epoch": None, "stale": 0}
-        self.progress = self.epoch_start(epoch=0, step=0)
+        self.best = Best()
+        self.progress = Progress()
         self.status = "running"
         self.latest_dev = None  # (epoch, predictions, seconds) of the newest dev evaluation in this process
-
-    @staticmethod
-    def epoch_start(epoch: int, step: int) -> dict:
-        """Where training stands, as saved in the resume checkpoint: the epoch, the next micro-batch in it, the
-        optimizer steps so far, and this epoch's running sums (this rank's loss, all ranks' gradient norms)."""
-        return {"epoch": epoch, "batch": 0, "step": step, "loss_sum": 0.0, "terms": 0, "tokens": 0, "seconds": 0.0,
-                "grad_norm_sum": 0.0, "steps": 0}
+        self.lock = ckpt.RunLock(self.run_dir)
 
     # ---- output
     def say(self, message: str) -> None:
@@ -168,13 +216,26 @@ class Trainer:
         config = self.config
         reset_peak_memory(self.device)
         self.task.check_method(config.method)
-        ckpt.prepare_run_dir(self.run_dir, config.resume, config.overwrite, self.dist.is_main)
+        restart = ckpt.check_run_dir(self.run_dir, config.resume, config.overwrite)
+        if self.dist.is_main:
+            self.lock.acquire()  # held until the run ends; a second run into this directory is refused
+            for directory in (self.run_dir, self.task.prediction_path(config, "dev").parent):
+                ensure_writable(directory)  # now, not after the first epoch
+            for stale in ckpt.remove_stale_temp_files(self.run_dir):
+                self.say(f"  removed {stale}, left by an interrupted write")
         # A checkpoint of another run is refused before minutes go into loading the model and the data.
-        resume_state = ckpt.load_checkpoint(ckpt.checkpoint_path(self.run_dir), self.identity()) if config.resume else None
+        resume = config.resume and not restart
+        resume_state = ckpt.load_checkpoint(ckpt.checkpoint_path(self.run_dir), self.identity()) if resume else None
         self.dist.barrier()
         self.tokenizer = GPT2Tokenizer.from_pretrained(tokenizer_source(config))
         self.build_model()
         self.load_data()
+        if restart and self.dist.is_main:  # the new run's inputs are good: only now do the old run's files go
+            if config.resume:
+                self.say(f"  {self.run_dir} has no checkpoint yet (the run stopped before its first one): starting "
+                         "it again from the beginning")
+            ckpt.clear_run_dir(self.run_dir)
+        self.dist.barrier()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.summary = parameter_summary(self.model)
         if not self.params:
@@ -246,12 +307,12 @@ class Trainer:
             return
         ckpt.save_checkpoint(ckpt.checkpoint_path(self.run_dir), {
             "identity": self.identity(),
-            "trainable": ckpt.trainable_state(self.model),
+            "trainable": trained_tensors(self.model),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": rng,
-            "progress": dict(self.progress),
-            "best": dict(self.best),
+            "progress": asdict(self.progress),
+            "best": asdict(self.best),
             "history": self.history,
         })
 
@@ -262,16 +323,17 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         rng = state["rng"]
         ckpt.restore_rng_state(rng[self.dist.rank] if len(rng) == self.dist.world_size else rng[0], self.device)
-        self.progress, self.best, self.history = dict(state["progress"]), dict(state["best"]), list(state["history"])
-        self.say(f"  resumed from {path}: epoch {self.progress['epoch'] + 1}, step {self.progress['step']}")
+        self.progress, self.best = Progress.from_dict(state["progress"]), Best(**state["best"])
+        self.history = list(state["history"])
+        self.say(f"  resumed from {path}: epoch {self.progress.epoch + 1}, step {self.progress.step}")
 
     def write_log(self, final: Optional[dict] = None) -> None:
         if not self.dist.is_main:
             return
         log = {"task": self.task.name, "status": self.status, "config": self.config.to_dict(),
                "parameters": self.summary, "precision": self.precision, "device": str(self.device),
-               "world_size": self.dist.world_size, "best_epoch": self.best["epoch"],
-               "best_dev_metric": self.best["metric"], "metric": self.task.metric, "epochs": self.history}
+               "world_size": self.dist.world_size, "best_epoch": self.best.epoch,
+               "best_dev_metric": self.best.metric, "metric": self.task.metric, "epochs": self.history}
         if final is not None:
             log["final"] = final
         atomic_save(lambda temp: Path(temp).write_text(json.dumps(log, indent=2) + "\n"), self.run_dir / "log.json")
@@ -280,47 +342,47 @@ class Trainer:
     def train(self) -> None:
         config = self.config
         while not self.done():
-            epoch = self.progress["epoch"]
+            epoch, progress = self.progress.epoch, self.progress
             self.train_epoch(epoch)
-            loss_sum, terms, tokens = self.dist.all_reduce_sum(
-                [self.progress["loss_sum"], self.progress["terms"], self.progress["tokens"]], self.device)
-            entry = {"epoch": epoch + 1, "train_loss": loss_sum / max(terms, 1), "train_seconds": self.progress["seconds"],
-                     "train_tokens": int(tokens), "train_tokens_per_second": tokens / max(self.progress["seconds"], 1e-9),
-                     "grad_norm": self.progress["grad_norm_sum"] / max(self.progress["steps"], 1),
-                     "lr": self.scheduler.get_last_lr()[0], "step": self.progress["step"]}
+            loss_sum, terms, tokens = self.dist.all_reduce_sum([progress.loss_sum, progress.terms, progress.tokens],
+                                                               self.device)
+            entry = {"epoch": epoch + 1, "train_loss": loss_sum / max(terms, 1), "train_seconds": progress.seconds,
+                     "train_tokens": int(tokens), "train_tokens_per_second": tokens / max(progress.seconds, 1e-9),
+                     "grad_norm": progress.grad_norm_sum / max(progress.epoch_steps, 1),
+                     "lr": self.scheduler.get_last_lr()[0], "step": progress.step}
             if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
                 entry.update(self.evaluate_epoch(epoch))
             self.history.append(entry)
             self.say(f"epoch {epoch + 1}/{config.epochs}: train loss {entry['train_loss']:.4f}"
                      + (f", dev {self.task.describe(entry['dev'])}" if entry.get("dev") else "")
                      + f" ({entry['train_seconds']:.1f} s, {entry['train_tokens_per_second']:.0f} tokens/s)")
-            self.progress = self.epoch_start(epoch + 1, self.progress["step"])
+            self.progress = progress.next_epoch()
             if self.done() and self.status == "early stopping":
                 self.say(f"early stopping: no better dev {self.task.metric} for {config.patience} evaluations")
             self.write_log()
             self.save_resume_checkpoint()
 
     def done(self) -> bool:
-        if self.config.patience is not None and self.best["stale"] >= self.config.patience:
+        if self.config.patience is not None and self.best.stale >= self.config.patience:
             self.status = "early stopping"
-        return self.status != "running" or self.progress["epoch"] >= self.config.epochs
+        return self.status != "running" or self.progress.epoch >= self.config.epochs
 
     def train_epoch(self, epoch: int) -> None:
         config, train = self.config, self.splits["train"]
         batches = bucketed_batches([e.length for e in train], config.batch_size, config.seed, epoch)
         groups = [batches[i:i + config.grad_accum] for i in range(0, len(batches), config.grad_accum)]
-        first_group = self.progress["batch"] // config.grad_accum
+        first_group = self.progress.batch // config.grad_accum
         self.model.train()
         with self.bar(total=len(groups), initial=first_group, desc=f"epoch {epoch + 1}/{config.epochs}") as bar:
             for group in groups[first_group:]:
                 start = time.perf_counter()
                 step_loss = self.train_step(group, train)
-                self.progress["seconds"] += time.perf_counter() - start
-                self.progress["batch"] += len(group)
+                self.progress.seconds += time.perf_counter() - start
+                self.progress.batch += len(group)
                 bar.update(1)
                 bar.set_postfix(loss=f"{step_loss:.4f}", refresh=False)
-                if config.save_every_steps and self.progress["step"] % config.save_every_steps == 0 \
-                        and self.progress["batch"] < len(batches):
+                if config.save_every_steps and self.progress.step % config.save_every_steps == 0 \
+                        and self.progress.batch < len(batches):
                     self.save_resume_checkpoint()
 
     def train_step(self, group: list[list[int]], train: list[Example]) -> float:
@@ -344,7 +406,7 @@ class Trainer:
             if weight:
                 local_sum += loss.item()
                 local_terms += sum(task.loss_terms(e) for e in examples)
-                self.progress["tokens"] += sum(e.length for e in examples)
+                self.progress.tokens += sum(e.length for e in examples)
         if self.config.max_grad_norm is not None:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm))
         else:
@@ -355,11 +417,12 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.progress["step"] += 1
-        self.progress["steps"] += 1
-        self.progress["grad_norm_sum"] += grad_norm
-        self.progress["loss_sum"] += local_sum
-        self.progress["terms"] += local_terms
+        progress = self.progress
+        progress.step += 1
+        progress.epoch_steps += 1
+        progress.grad_norm_sum += grad_norm
+        progress.loss_sum += local_sum
+        progress.terms += local_terms
         return step_loss
 
     def diverged(self, loss: float, grad_norm: float) -> None:
@@ -367,10 +430,10 @@ class Trainer:
         self.write_log()
         hints = "lower --lr, raise --warmup-ratio or keep --max-grad-norm" + (
             ", or try --precision fp32" if self.precision == "bf16" else "")
-        best = f" The best checkpoint so far is in {self.run_dir / 'best'}." if self.best["epoch"] is not None else ""
+        best = f" The best checkpoint so far is in {self.run_dir / 'best'}." if self.best.epoch is not None else ""
         raise TrainingDiverged(
             f"training stopped: the loss ({loss:.4g}) or its gradient (norm {grad_norm:.4g}) is not finite at epoch "
-            f"{self.progress['epoch'] + 1}, step {self.progress['step'] + 1}; {hints}.{best}"
+            f"{self.progress.epoch + 1}, step {self.progress.step + 1}; {hints}.{best}"
         )
 
     # ---- evaluation
@@ -391,88 +454,115 @@ class Trainer:
         self.latest_dev = (epoch + 1, predictions, seconds)
         metrics = self.task.metrics(self.splits["dev"], predictions)
         value = metrics.get(self.task.metric)
-        if value is None or self.best["metric"] is None or value > self.best["metric"]:
+        if value is None or self.best.metric is None or value > self.best.metric:
             self.save_best(epoch, value)
         else:
-            self.best["stale"] += 1
-        return {"dev": metrics, "dev_seconds": seconds, "best": self.best["epoch"] == epoch + 1}
+            self.best.stale += 1
+        return {"dev": metrics, "dev_seconds": seconds, "best": self.best.epoch == epoch + 1}
 
     def save_best(self, epoch: int, value: Optional[float]) -> None:
         """Keeps this epoch's model as the best (with no dev metric to compare, the latest is the best)."""
-        self.best = {"metric": value, "epoch": epoch + 1, "stale": 0}
+        self.best = Best(metric=value, epoch=epoch + 1)
         if self.dist.is_main:
             save_adapter(self.model, self.run_dir / "best")
 
     # ---- the end
-    def finish(self, already_finished: bool) -> RunResult:
-        config, task = self.config, self.task
+    def reload_best(self) -> Path:
+        """Loads the best adapter into the model (once rank 0 has written it) and returns its directory."""
         best_dir = self.run_dir / "best"
-        self.dist.barrier()  # rank 0 has written best/ before anyone reads it
-        if (best_dir / "adapter_config.json").is_file():
+        self.dist.barrier()
+        if (best_dir / ADAPTER_CONFIG).is_file():
             load_adapter(self.model, best_dir)
-        paths = {"run_dir": str(self.run_dir), "log": str(self.run_dir / "log.json"), "best": str(best_dir),
-                 "checkpoint": str(ckpt.checkpoint_path(self.run_dir))}
-        dev_metrics, seconds_per_example = {}, None
+        return best_dir
+
+    def final_predictions(self, split: str) -> tuple[list, float]:
+        """The best model's predictions for a split and their seconds: the newest dev evaluation when that was
+        of the best model (the one now loaded), else a new pass."""
+        latest = self.latest_dev
+        if split == "dev" and latest is not None and latest[0] == self.best.epoch \
+                and self.history and self.history[-1]["epoch"] == self.best.epoch:
+            return latest[1], latest[2]
+        return self.predict(split)
+
+    def write_final_predictions(self) -> tuple[dict, dict, Optional[float]]:
+        """Writes the dev and test prediction files; returns (their paths, the dev metrics, seconds per dev
+        example)."""
+        paths, dev_metrics, seconds_per_example = {}, {}, None
         for split in ("dev", "test"):
             examples = self.splits[split]
             if not examples:
                 continue
-            if split == "dev" and self.latest_dev is not None and self.latest_dev[0] == self.best["epoch"] \
-                    and self.history and self.history[-1]["epoch"] == self.best["epoch"]:
-                _, predictions, seconds = self.latest_dev  # the best model is the current one: no second pass
-            else:
-                predictions, seconds = self.predict(split)
-            path = task.prediction_path(config, split)
+            predictions, seconds = self.final_predictions(split)
+            path = self.task.prediction_path(self.config, split)
             if self.dist.is_main:
-                task.write_predictions(path, examples, predictions)
+                self.task.write_predictions(path, examples, predictions)
             paths[f"{split}_predictions"] = str(path)
             if split == "dev":
-                dev_metrics = task.metrics(examples, predictions)
+                dev_metrics = self.task.metrics(examples, predictions)
                 seconds_per_example = seconds / len(examples)
+        return paths, dev_metrics, seconds_per_example
+
+    def result(self, best_dir: Path, paths: dict, dev_metrics: dict, seconds_per_example: Optional[float],
+               peak_memory: int) -> RunResult:
+        epoch_seconds = [entry["train_seconds"] for entry in self.history]
+        tokens = sum(entry["train_tokens"] for entry in self.history)
+        return RunResult(
+            task=self.task.name, method=self.config.method.to_dict(), best_epoch=self.best.epoch,
+            best_dev_metric=dev_metrics.get(self.task.metric), metric=self.task.metric, dev_metrics=dev_metrics,
+            epochs=self.history, stopped=self.status, trainable_params=self.summary["trainable"],
+            total_params=self.summary["total"],
+            adapter_bytes=adapter_file_size(best_dir) if (best_dir / ADAPTER_CONFIG).is_file() else 0,
+            epoch_seconds=epoch_seconds, train_tokens_per_second=tokens / max(sum(epoch_seconds), 1e-9),
+            peak_memory_bytes=peak_memory, inference_seconds_per_example=seconds_per_example,
+            precision=self.precision, device=str(self.device), world_size=self.dist.world_size,
+            paths={"run_dir": str(self.run_dir), "log": str(self.run_dir / "log.json"), "best": str(best_dir),
+                   "checkpoint": str(ckpt.checkpoint_path(self.run_dir)), **paths},
+        )
+
+    def report(self, result: RunResult) -> None:
+        score = f"dev {self.task.describe(result.dev_metrics)}" if result.dev_metrics else "no dev labels"
+        predictions = [v for k, v in result.paths.items() if k.endswith("predictions")]
+        self.say(f"{self.task.name} / {self.config.method.method}: {score} (best epoch {result.best_epoch}, "
+                 f"{result.stopped}); {result.trainable_params:,} trainable params; predictions: "
+                 + (", ".join(predictions) or "none"))
+
+    def finish(self, already_finished: bool) -> RunResult:
+        """The best model's predictions, the final log entry, the result."""
+        best_dir = self.reload_best()
+        paths, dev_metrics, seconds_per_example = self.write_final_predictions()
         if self.status == "running":
             self.status = "already finished" if already_finished else "finished"
         peak_memory = peak_memory_bytes(self.device)
-        self.write_log(final={"dev": dev_metrics, "predictions": {k: v for k, v in paths.items() if k.endswith("predictions")},
-                              "peak_memory_bytes": peak_memory, "inference_seconds_per_example": seconds_per_example})
-        epoch_seconds = [entry["train_seconds"] for entry in self.history]
-        tokens = sum(entry["train_tokens"] for entry in self.history)
-        result = RunResult(
-            task=task.name, method=config.method.to_dict(), best_epoch=self.best["epoch"],
-            best_dev_metric=dev_metrics.get(task.metric), metric=task.metric, dev_metrics=dev_metrics,
-            epochs=self.history, stopped=self.status, trainable_params=self.summary["trainable"],
-            total_params=self.summary["total"],
-            adapter_bytes=adapter_file_size(best_dir) if (best_dir / "adapter_config.json").is_file() else 0,
-            epoch_seconds=epoch_seconds, train_tokens_per_second=tokens / max(sum(epoch_seconds), 1e-9),
-            peak_memory_bytes=peak_memory, inference_seconds_per_example=seconds_per_example,
-            precision=self.precision, device=str(self.device), world_size=self.dist.world_size, paths=paths,
-        )
-        score = f"dev {task.describe(dev_metrics)}" if dev_metrics else "no dev labels"
-        self.say(f"{task.name} / {config.method.method}: {score} (best epoch {self.best['epoch']}, {self.status}); "
-                 f"{self.summary['trainable']:,} trainable params; predictions: "
-                 + (", ".join(v for k, v in paths.items() if k.endswith("predictions")) or "none"))
+        self.write_log(final={"dev": dev_metrics, "predictions": paths, "peak_memory_bytes": peak_memory,
+                              "inference_seconds_per_example": seconds_per_example})
+        result = self.result(best_dir, paths, dev_metrics, seconds_per_example, peak_memory)
+        self.report(result)
         return result
 
     def run(self) -> RunResult:
-        self.setup()
-        already_finished = self.done()
         try:
-            self.train()
-        except KeyboardInterrupt:
-            self.status = "interrupted"  # the log says so; --resume continues from the last checkpoint
-            self.write_log()
-            raise
-        return self.finish(already_finished)
+            self.setup()
+            already_finished = self.done()
+            try:
+                self.train()
+            except KeyboardInterrupt:
+                self.status = "interrupted"  # the log says so; --resume continues from the last checkpoint
+                self.write_log()
+                raise
+            except Exception as error:
+                if self.status == "running":  # the log must not go on saying so (diverged runs say that)
+                    self.status = "failed"
+                    self.write_log(final={"error": f"{type(error).__name__}: {error}"})
+                raise
+            return self.finish(already_finished)
+        finally:
+            self.lock.release()
 
 
-def run_training(task: Union[str, Task], config: Union[TrainConfig, list[str]]) -> RunResult:
-    """Trains, evaluates and writes predictions for one task with one method; what the scripts and
-    compare.py call. `config` may be a TrainConfig or command-line arguments for the task's script."""
-    from tasks import get_task
-    from tasks.cli import parse_args
-
-    task = get_task(task) if isinstance(task, str) else task
-    if not isinstance(config, TrainConfig):
-        config = parse_args(task.name, list(config))
+def run_training(task: Union[str, Task], config: TrainConfig) -> RunResult:
+    """Trains, evaluates and writes predictions for one task with one method; what the scripts and compare.py
+    call (tasks.cli.parse_args builds the config from a script's flags)."""
+    task = tasks.get_task(task) if isinstance(task, str) else task
     if config.task != task.name:
         raise ValueError(f"run_training: config is for task {config.task!r}, not {task.name!r}")
     started = not torch.distributed.is_initialized()

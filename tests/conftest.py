@@ -1,24 +1,13 @@
 """Shared test fixtures. Tests never touch the network; the development files in ../shared are used when
-present (CI has them) and the tests that need them are skipped with a reason otherwise."""
+present (CI has them) and the tests that need them are skipped with a reason otherwise. The helpers the
+tests import (paths, models, data, command lines) are in tests/fixtures/."""
 from __future__ import annotations
-
-import os
-import warnings
-from pathlib import Path
 
 import pytest
 import torch
 
-SHARED_DIR = Path(os.environ.get("GPT2_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
-SHARED_DATA = SHARED_DIR / "data"
-SHARED_TOKENIZER = SHARED_DIR / "gpt2-tokenizer"
-
-requires_shared_data = pytest.mark.skipif(
-    not (SHARED_DATA / "ids-sst-train.csv").is_file(), reason=f"development data not found at {SHARED_DATA}"
-)
-requires_shared_tokenizer = pytest.mark.skipif(
-    not (SHARED_TOKENIZER / "vocab.json").is_file(), reason=f"GPT-2 tokenizer files not found at {SHARED_TOKENIZER}"
-)
+from tests.fixtures.shared import SHARED_TOKENIZER
+from tests.fixtures.task_files import TaskFiles, tiny_vocabulary_model, tokenizer_dir, write_data_dir
 
 
 @pytest.fixture(autouse=True)
@@ -28,10 +17,21 @@ def _offline_and_seeded(monkeypatch):
     torch.manual_seed(0)
 
 
-def random_model(size: str = "tiny"):
-    """A GPT2Model with random weights, without the warning that says so."""
-    from models.gpt2 import GPT2Model
+@pytest.fixture
+def one_thread():
+    """Toy-sized matmuls gain nothing from a second thread, and on a busy machine waiting for one costs ~10x.
+    Requested by the optimizer test, and by every test of the modules that run the task scripts (with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return GPT2Model.from_pretrained(f"random:{size}")
+
+@pytest.fixture(scope="session")
+def task_files(tmp_path_factory) -> TaskFiles:
+    """The data directory, tokenizer and model of the task and trainer tests."""
+    root = tmp_path_factory.mktemp("task-files")
+    tokenizer = tokenizer_dir(root)
+    model = "random:tiny" if tokenizer == SHARED_TOKENIZER else tiny_vocabulary_model(root / "model", tokenizer)
+    return TaskFiles(write_data_dir(root / "data"), tokenizer, model)

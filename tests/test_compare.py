@@ -15,9 +15,9 @@ from models.gpt2 import GPT2Model
 from models.peft import MethodConfig, apply_method, parameter_summary
 from models.tokenizer import GPT2Tokenizer
 from tasks import get_task
-from tests.test_task_fixtures import base_args, one_thread, task_files  # noqa: F401 (fixtures)
+from tests.fixtures.task_files import base_args
 
-pytestmark = pytest.mark.filterwarnings("ignore:GPT2Model. random weights")
+pytestmark = [pytest.mark.filterwarnings("ignore:GPT2Model. random weights"), pytest.mark.usefixtures("one_thread")]
 METHODS = ["last-linear-layer", "lora", "loreft"]
 HEADERS = ["method", "trainable params", "trainable %", "adapter size", "dev accuracy", "dev macro_f1", "s/epoch",
            "train tokens/s", "peak memory", "ms/example", "lr", "status"]
@@ -58,6 +58,7 @@ def compared(tmp_path_factory, task_files):
     return code, out
 
 
+@pytest.mark.slow  # the comparison: three methods, three processes
 def test_table_has_a_row_per_method_with_readable_numbers(compared, capsys, task_files):
     code, out = compared
     assert code == 0
@@ -72,6 +73,7 @@ def test_table_has_a_row_per_method_with_readable_numbers(compared, capsys, task
         assert 0 <= float(row[4]) <= 1 and row[8].endswith("iB") and row[10] == "0.001"
 
 
+@pytest.mark.slow
 def test_csv_and_json_hold_the_raw_numbers_and_the_full_results(compared, task_files):
     _, out = compared
     with open(out / "comparison.csv", newline="") as handle:
@@ -99,6 +101,7 @@ def test_csv_and_json_hold_the_raw_numbers_and_the_full_results(compared, task_f
         assert row["lr"] == run["config"]["learning_rate"] == 1e-3
 
 
+@pytest.mark.slow
 def test_plot_and_one_run_directory_per_method(compared):
     _, out = compared
     assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -107,6 +110,7 @@ def test_plot_and_one_run_directory_per_method(compared):
         assert (out / method / "predictions" / f"{method}-sst-dev-out.csv").is_file()
 
 
+@pytest.mark.slow  # trains twice
 def test_a_failing_method_is_recorded_and_the_others_still_run_and_resume_retries_it(tmp_path, task_files, capsys):
     args = compare_args(tmp_path, task_files, ["lora", "loreft"], "--in-process", "--method-args", "lora=--lr 1e30")
     code, printed, err = run_compare(args, capsys)
@@ -157,6 +161,7 @@ def test_bad_command_lines_fail_before_training(tmp_path, task_files, capsys, me
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_an_earlier_run_is_neither_overwritten_nor_skipped_silently(compared, task_files, capsys):
     _, out = compared
     with pytest.raises(SystemExit):

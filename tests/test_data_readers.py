@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from data import readers
-from data.atomic import atomic_save
 from data.readers import (
     PARAPHRASE_COLUMN,
     SENTIMENT_COLUMN,
@@ -66,7 +65,7 @@ def raises_at(path: Path, line: int, *fragments: str):
 def test_real_sentiment_files(task, split, count):
     examples = read_sentiment(default_paths(task, SHARED_DATA)[split], labels=readers.SENTIMENT_LABELS[task],
                               require_labels=split != "test")
-    assert len(examples) == count and examples.report.n_skipped == 0
+    assert len(examples) == count
     assert len({e.id for e in examples}) == count
     assert all(len(e.id) == 25 and e.text == e.text.strip() and e.text for e in examples)
     labels = {e.label for e in examples}
@@ -219,12 +218,10 @@ def test_skip_malformed_counts_and_warns(tmp_path):
     with pytest.warns(MalformedRowsWarning) as caught:
         examples = read_sentiment(path, labels=range(5), skip_malformed=True)
     assert [e.id for e in examples] == ["a", "c", "e"]
-    assert examples.report.rows == 6 and examples.report.n_skipped == 3
-    assert [line for line, _ in examples.report.skipped] == [3, 5, 6]
-    assert "empty sentence" in examples.report.skipped[0][1]
     [warning] = caught
     message = str(warning.message)
     assert str(path) in message and "skipped 3 malformed row(s) of 6" in message and "lines 3, 5, 6" in message
+    assert "first problem: " in message and "empty sentence" in message
     # File-level problems are never skipped.
     with raises_at(tmp_path / "none.csv", 0, "file not found"):
         read_sentiment(tmp_path / "none.csv", skip_malformed=True)
@@ -233,7 +230,7 @@ def test_skip_malformed_counts_and_warns(tmp_path):
 def test_clean_file_reports_nothing_and_does_not_warn(tmp_path, recwarn):
     path = write(tmp_path / "s.csv", SST_HEADER + "0\ta\tgood\t1\n")
     examples = read_sentiment(path, skip_malformed=True)
-    assert examples.report.n_skipped == 0 and len(recwarn) == 0
+    assert len(examples) == 1 and len(recwarn) == 0
 
 
 # ---------------------------------------------------------------------------------------------- writers
@@ -316,32 +313,6 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="no space"):
         write_sonnets(path, [Sonnet(1, "text")])
     assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]
-
-
-def test_atomic_write_creates_parents_and_replaces(tmp_path):
-    target = tmp_path / "a" / "b" / "f.bin"
-    with readers.atomic_write(target, "wb") as handle:
-        handle.write(b"one")
-    with readers.atomic_write(target, "wb") as handle:
-        handle.write(b"two")
-    assert target.read_bytes() == b"two" and list(target.parent.iterdir()) == [target]
-
-
-def test_atomic_save_gives_plain_file_permissions_and_cleans_up_on_error(tmp_path):
-    target = tmp_path / "weights.bin"
-    atomic_save(lambda temp: temp.write_bytes(b"tensor"), target)
-    umask = os.umask(0)
-    os.umask(umask)
-    assert target.read_bytes() == b"tensor"
-    assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
-
-    def half_written(temp):
-        temp.write_bytes(b"half")
-        raise RuntimeError("interrupted")
-
-    with pytest.raises(RuntimeError, match="interrupted"):
-        atomic_save(half_written, target)
-    assert target.read_bytes() == b"tensor" and list(tmp_path.iterdir()) == [target]
 
 
 # ---------------------------------------------------------------------------------------------- sonnets

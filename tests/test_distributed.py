@@ -1,5 +1,6 @@
-"""More than one process: `torchrun --nproc-per-node 2` with gloo on the CPU reaches the weights one process
-reaches with the same global batches, within float tolerance."""
+"""tasks.distributed: sharding undone by interleave, and more than one process: `torchrun --nproc-per-node 2`
+with gloo on the CPU reaches the weights one process reaches with the same global batches, within float
+tolerance."""
 from __future__ import annotations
 
 import json
@@ -15,18 +16,26 @@ import torch.distributed as dist
 from tasks import get_task
 from tasks.checkpoint import checkpoint_path
 from tasks.cli import parse_args
-from tasks.distributed import Distributed
+from tasks.distributed import Distributed, interleave
 from tasks.trainer import Trainer
-from tests.test_task_fixtures import base_args, one_thread, run_script, task_files  # noqa: F401 (fixtures)
+from tests.fixtures.task_files import base_args, run_script
 
 REPO = Path(__file__).resolve().parents[1]
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:GPT2Model. random weights"),
-    pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="torch built without gloo"),
-]
+pytestmark = [pytest.mark.filterwarnings("ignore:GPT2Model. random weights"), pytest.mark.usefixtures("one_thread")]
+requires_gloo = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                   reason="torch built without gloo")
 
 
+def test_interleave_undoes_sharding():
+    items = list(range(11))
+    shares = [Distributed(rank, 3).shard(items) for rank in range(3)]
+    assert shares[1] == [1, 4, 7, 10]
+    assert interleave(shares) == items
+
+
+@pytest.mark.slow
+@requires_gloo
 def test_two_gloo_processes_reach_the_weights_of_one(tmp_path, task_files):
     """13 examples in global batches of 4 with 2 micro-batches per step: the epoch ends with a batch of one
     example, so one rank has nothing to do in that micro-batch and must still join the gradient exchange."""

@@ -1,5 +1,5 @@
-"""Shortcuts that must not change results: the model's dropout control, and the last-token path that trains
-last-position interventions without recording gradients for the tokens before them."""
+"""A shortcut that must not change results: the last-token path (models/gpt2.py, used by the classification
+head) that trains last-position interventions without recording gradients for the tokens before them."""
 from __future__ import annotations
 
 import copy
@@ -12,7 +12,7 @@ from models.gpt2 import GPT2Model, left_align
 from models.peft import MethodConfig, apply_method
 from models.tokenizer import pad_sequences as pad
 from tasks.classification import LastTokenClassifier
-from tests.conftest import random_model
+from tests.fixtures.models import random_model
 
 LENGTHS = (9, 5, 1, 7, 2)  # a padded batch, one row shorter than every k below
 
@@ -74,24 +74,6 @@ def count_suffix_calls(monkeypatch, gpt: GPT2Model) -> list:
 
     monkeypatch.setattr(gpt, "forward_trainable_suffix", spy)
     return calls
-
-
-# ------------------------------------------------------------------------------------------ dropout
-def test_set_dropout_sets_the_base_model_and_leaves_method_parts_alone():
-    gpt = random_model("tiny")
-    apply_method(gpt, MethodConfig("lora", rank=2, dropout=0.2))
-    assert gpt.set_dropout(0.0) is gpt and gpt.config.dropout == 0.0
-    base = [gpt.drop.p] + [r for layer in gpt.h for r in
-                           (layer.layer.attn.dropout, layer.layer.attn.resid_dropout.p, layer.layer.mlp.dropout.p)]
-    assert len(base) == 1 + 3 * gpt.config.n_layer and set(base) == {0.0}
-    assert {adapter.dropout.p for layer in gpt.h for adapter in layer.lora.values()} == {0.2}
-    gpt.train()
-    ids = torch.randint(0, 1000, (2, 9))
-    torch.testing.assert_close(gpt(ids)["last_hidden_state"], gpt(ids)["last_hidden_state"], rtol=0, atol=0)
-    gpt.set_dropout(0.5)
-    assert not torch.equal(gpt(ids)["last_hidden_state"], gpt(ids)["last_hidden_state"])
-    with pytest.raises(ValueError, match="dropout"):
-        gpt.set_dropout(1.0)
 
 
 # ------------------------------------------------------------------------------------------ last-token path

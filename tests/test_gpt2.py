@@ -1,47 +1,15 @@
-"""Internal consistency of the model: attention paths, padding on either side, the KV cache, generation,
-precision and input checks."""
+"""GPT2Model's own behaviour: random weights, padding on either side, the last real token, input checks,
+precision, devices and the dropout control."""
 from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
-from models.config import GPT2Config, PRESETS
-from models.generation import SamplingConfig, generate, next_token
+from models.generation import SamplingConfig, generate
 from models.gpt2 import GPT2Model, last_real_token, resolve_device, resolve_precision
-from modules.kv_cache import KVCache
-from tests.conftest import random_model
-
-
-def set_sdpa(model: GPT2Model, enabled: bool) -> None:
-    for layer in model.h:
-        layer.attn.use_sdpa = enabled
-
-
-def left_and_right_padded(vocab: int, prompts: list[int], seed: int = 0):
-    generator = torch.Generator().manual_seed(seed)
-    rows = [torch.randint(0, vocab, (n,), generator=generator) for n in prompts]
-    length = max(prompts)
-    batches = {}
-    for side in ("left", "right"):
-        ids = torch.zeros(len(rows), length, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, row in enumerate(rows):
-            span = slice(length - len(row), length) if side == "left" else slice(0, len(row))
-            ids[i, span], mask[i, span] = row, 1
-        batches[side] = (ids, mask)
-    return rows, batches
-
-
-def test_presets_have_the_published_sizes():
-    expected = {"gpt2": (768, 12, 12), "gpt2-medium": (1024, 24, 16), "gpt2-large": (1280, 36, 20), "gpt2-xl": (1600, 48, 25)}
-    for name, (d, layers, heads) in expected.items():
-        config = GPT2Config.preset(name)
-        assert (config.n_embd, config.n_layer, config.n_head, config.vocab_size, config.n_positions) == (d, layers, heads, 50257, 1024)
-    assert "tiny" in PRESETS
-    with pytest.raises(ValueError, match="unknown GPT-2 size 'huge'"):
-        GPT2Config.preset("huge")
-    with pytest.raises(ValueError, match="divisible"):
-        GPT2Config(n_embd=10, n_head=3)
+from models.peft import MethodConfig, apply_method
+from tests.fixtures.models import left_and_right_padded, random_model
 
 
 def test_random_weights_warn_and_unknown_names_fail():
@@ -50,20 +18,6 @@ def test_random_weights_warn_and_unknown_names_fail():
     assert model.config.n_embd == 64 and not model.training
     with pytest.raises(ValueError, match="unknown GPT-2 size"):
         GPT2Model.from_pretrained("random:enormous")
-
-
-@pytest.mark.parametrize("side", ["left", "right", "none"])
-def test_plain_attention_equals_fused_kernel(side):
-    model = random_model()
-    rows, batches = left_and_right_padded(model.config.vocab_size, [9, 5, 2, 9])
-    ids, mask = batches["left"] if side == "none" else batches[side]
-    if side == "none":
-        mask = None
-    with torch.no_grad():
-        fast = model(ids, mask)["last_hidden_state"]
-        set_sdpa(model, False)
-        plain = model(ids, mask)["last_hidden_state"]
-    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -87,83 +41,6 @@ def test_last_real_token_picks_the_last_real_position_on_either_side():
     assert last_real_token(hidden, right).flatten().tolist() == [1.0, 7.0]
     assert last_real_token(hidden, left).flatten().tolist() == [3.0, 7.0]
     assert last_real_token(hidden, None).flatten().tolist() == [3.0, 7.0]
-
-
-def test_cached_forward_equals_full_forward():
-    model = random_model()
-    rows, batches = left_and_right_padded(model.config.vocab_size, [6, 3])
-    ids, mask = batches["left"]
-    with torch.no_grad():
-        full = model(ids, mask)["last_hidden_state"]
-        cache = KVCache.for_model(model.config, batch_size=2, max_length=6)
-        first = model(ids[:, :4], mask[:, :4], cache=cache)["last_hidden_state"]
-        second = model(ids[:, 4:], mask[:, 4:], cache=cache)["last_hidden_state"]  # chunk of two, with a past
-    real = mask.bool()
-    torch.testing.assert_close(torch.cat([first, second], 1)[real], full[real], atol=1e-5, rtol=0)
-    assert cache.length == 6
-
-
-def test_greedy_with_cache_equals_greedy_without_token_for_token():
-    model = random_model()
-    prompts = [[5, 17, 400, 33, 9], [101], [7, 7, 7, 7, 7, 7, 7, 2000]]
-    sampling = SamplingConfig(max_new_tokens=25)
-    cached = generate(model, prompts, sampling, use_cache=True)
-    uncached = generate(model, prompts, sampling, use_cache=False)
-    assert cached == uncached
-    assert all(len(tokens) == 25 for tokens in cached)
-    # A batch of different lengths gives every prompt what it gets alone.
-    assert cached == [generate(model, [p], sampling)[0] for p in prompts]
-
-
-def test_sampling_with_cache_equals_sampling_without_for_the_same_seed():
-    model = random_model()
-    prompts = [[5, 17, 400], [101, 3]]
-    sampling = SamplingConfig(max_new_tokens=12, do_sample=True, temperature=0.7, top_k=40, top_p=0.9)
-    outputs = [generate(model, prompts, sampling, use_cache=c, generator=torch.Generator().manual_seed(3)) for c in (True, False)]
-    assert outputs[0] == outputs[1]
-
-
-def test_stop_token_ends_a_row_and_is_not_returned():
-    model = random_model()
-    prompt = [[5, 17, 400]]
-    free = generate(model, prompt, SamplingConfig(max_new_tokens=10))[0]
-    stop = free[3]
-    stopped = generate(model, prompt, SamplingConfig(max_new_tokens=10, stop_token_id=stop))[0]
-    assert stopped == free[: free.index(stop)]
-
-
-def test_top_k_and_top_p_restrict_the_candidates():
-    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]]).repeat(2000, 1)
-    generator = torch.Generator().manual_seed(0)
-    top2 = next_token(logits, SamplingConfig(do_sample=True, top_k=2), generator)
-    assert set(top2.tolist()) == {0, 1}
-    probs = torch.softmax(logits[0], -1)  # 0.64, 0.24, 0.09, ...: top_p 0.8 keeps exactly the first two
-    assert probs[0] < 0.8 < probs[0] + probs[1]
-    nucleus = next_token(logits, SamplingConfig(do_sample=True, top_p=0.8), generator)
-    assert set(nucleus.tolist()) == {0, 1}
-    assert next_token(logits[:1], SamplingConfig()).tolist() == [0]
-    for bad in (dict(temperature=0.0), dict(top_k=0), dict(top_p=1.5), dict(max_new_tokens=-1)):
-        with pytest.raises(ValueError):
-            SamplingConfig(**bad)
-
-
-@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
-def test_sampling_draws_from_the_softmax_at_the_temperature(temperature):
-    logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
-    generator = torch.Generator().manual_seed(0)
-    draws = next_token(logits.repeat(20_000, 1), SamplingConfig(do_sample=True, temperature=temperature), generator)
-    frequencies = torch.bincount(draws, minlength=4).float() / draws.numel()
-    torch.testing.assert_close(frequencies, torch.softmax(logits / temperature, -1), atol=0.015, rtol=0)
-
-
-def test_kv_cache_refuses_more_positions_than_it_holds():
-    model = random_model()
-    with pytest.raises(ValueError, match="max_length 2000 exceeds the model context"):
-        KVCache.for_model(model.config, batch_size=1, max_length=2000)
-    cache = KVCache.for_model(model.config, batch_size=1, max_length=4)
-    model(torch.tensor([[1, 2, 3]]), cache=cache)
-    with pytest.raises(ValueError, match="5 positions exceed the cache size"):
-        model(torch.tensor([[4, 5]]), cache=cache)
 
 
 def test_input_checks():
@@ -222,12 +99,30 @@ def test_devices():
         resolve_device("meta")
 
 
-def test_generation_command_line_errors_are_one_line(tmp_path, capsys):
-    from models.generation import main
+# ------------------------------------------------------------------------------------------ dropout
+def test_set_dropout_reaches_every_dropout_of_the_base_model():
+    gpt = random_model("tiny")
+    gpt.set_dropout(0.0)
+    rates = [m.p for m in gpt.modules() if isinstance(m, nn.Dropout)]
+    rates += [m.dropout for m in gpt.modules() if isinstance(getattr(m, "dropout", None), float)]
+    assert len(rates) == 1 + 3 * gpt.config.n_layer and set(rates) == {0.0}
+    gpt.train()
+    ids = torch.randint(0, 1000, (2, 9))
+    torch.testing.assert_close(gpt(ids)["last_hidden_state"], gpt(ids)["last_hidden_state"])  # deterministic
 
-    assert main(["--model", str(tmp_path), "--prompt", "Hi"]) == 1  # an empty directory: no checkpoint
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and str(tmp_path) in err and "Traceback" not in err
-    with pytest.raises(SystemExit):
-        main(["--model", "random:tiny", "--prompt", "Hi", "--top-p", "0.9"])  # sampling flags without --sample
-    assert "add --sample" in capsys.readouterr().err
+
+def test_set_dropout_sets_the_base_model_and_leaves_method_parts_alone():
+    gpt = random_model("tiny")
+    apply_method(gpt, MethodConfig("lora", rank=2, dropout=0.2))
+    assert gpt.set_dropout(0.0) is gpt and gpt.config.dropout == 0.0
+    base = [gpt.drop.p] + [r for layer in gpt.h for r in
+                           (layer.layer.attn.dropout, layer.layer.attn.resid_dropout.p, layer.layer.mlp.dropout.p)]
+    assert len(base) == 1 + 3 * gpt.config.n_layer and set(base) == {0.0}
+    assert {adapter.dropout.p for layer in gpt.h for adapter in layer.lora.values()} == {0.2}
+    gpt.train()
+    ids = torch.randint(0, 1000, (2, 9))
+    torch.testing.assert_close(gpt(ids)["last_hidden_state"], gpt(ids)["last_hidden_state"], rtol=0, atol=0)
+    gpt.set_dropout(0.5)
+    assert not torch.equal(gpt(ids)["last_hidden_state"], gpt(ids)["last_hidden_state"])
+    with pytest.raises(ValueError, match="dropout"):
+        gpt.set_dropout(1.0)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from models.gpt2 import GPT2Model
-from tests.hf_reference import (
+from tests.fixtures.hf_reference import (
     random_hf_model,
     save_bin_without_prefix,
     save_safetensors_with_prefix,
@@ -55,6 +55,7 @@ def test_loads_hub_layouts_and_matches_reference(tmp_path, layout):
     assert_matches_reference(ours, reference, ids, mask)
 
 
+@pytest.mark.slow  # 124M parameters, in both implementations
 def test_matches_reference_at_full_gpt2_shape(tmp_path):
     reference = random_hf_model(transformers.GPT2Config())  # 124M: vocab 50257, 12 x 768, 12 heads
     ours = GPT2Model.from_pretrained(save_safetensors_with_prefix(reference, tmp_path))

@@ -37,16 +37,7 @@ def groups(model, optimizer_class, **kwargs):
     ], lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.02, **kwargs)
 
 
-@pytest.fixture
-def one_thread():
-    # 2,000 tiny steps gain nothing from threads, and on a busy shared CPU the worker threads' waiting
-    # made this test 10-20x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
+@pytest.mark.slow  # 2,000 optimizer steps
 def test_matches_torch_adamw_after_1000_steps(one_thread):
     ours_model, torch_model = mlp(), mlp()
     ours, reference = groups(ours_model, AdamW), groups(torch_model, torch.optim.AdamW)

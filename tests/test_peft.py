@@ -1,14 +1,12 @@
-"""LoRA and the ReFT family on the hand-written GPT-2: structure, parameter counts, identity at the start,
-honest training, merging, positions under padding, adapter files, composition and generation."""
+"""models.peft: LoRA and the ReFT family applied to the hand-written GPT-2: structure, parameter counts,
+identity at the start, honest training, positions under padding, adapter files, composition, generation and
+the method configuration. The layers' own formulas are in test_lora.py and test_reft.py."""
 from __future__ import annotations
 
-import argparse
-import copy
 import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -19,57 +17,18 @@ from models.peft import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     MethodConfig,
-    add_method_arguments,
     adapter_file_size,
     applied_methods,
     apply_method,
     format_parameter_summary,
     load_adapter,
-    method_config_from_args,
     parameter_summary,
     save_adapter,
-    set_lora_merged,
 )
 from modules.lora import LoRAGPT2Layer, LoRALinear
-from modules.reft import ReFTGPT2Layer, select_positions
-from tests.conftest import random_model
-
-ADAPTING = {
-    "lora": MethodConfig("lora", rank=4, targets=("query", "key", "value", "attn_out", "mlp_in", "mlp_out")),
-    "reft": MethodConfig("reft", rank=4),
-    "loreft": MethodConfig("loreft", rank=4, positions="f1+l1"),
-    "loreft-untied": MethodConfig("loreft", rank=4, positions="f2+l2", tie_positions=False),
-    "noreft": MethodConfig("noreft", rank=4, positions="l1", components=("attention", "ffn")),
-    "direft": MethodConfig("direft", rank=4, positions="f1+l1", activation="tanh"),
-    "bitfit": MethodConfig("bitfit"),
-    "layernorm": MethodConfig("layernorm"),
-}
-
-
-def fresh(config=None, seed=0):
-    torch.manual_seed(seed)
-    model = random_model("tiny")
-    if config is not None:
-        apply_method(model, copy.deepcopy(config))
-    return model
-
-
-def perturb_trainable(model: nn.Module, seed: int = 1, scale: float = 0.05) -> None:
-    """Moves every trainable tensor away from its (often identity) initialisation."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, param in sorted(model.named_parameters()):
-            if param.requires_grad:
-                param.add_(scale * torch.randn(param.shape, generator=generator))
-
-
-def right_padded(lengths, vocab=50257, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (len(lengths), max(lengths)), generator=generator)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        mask[row, :n] = 1
-    return ids, mask
+from modules.reft import ReFTGPT2Layer
+from tests.fixtures.models import random_model
+from tests.fixtures.peft import ADAPTING, fresh, perturb_trainable, right_padded
 
 
 def to_left_padding(ids, mask):
@@ -96,6 +55,7 @@ def test_wrappers_freeze_the_layer_and_hold_their_parts_in_module_dicts():
     assert not reft.wte.weight.requires_grad and not reft.ln_f.weight.requires_grad
 
 
+@pytest.mark.slow  # eleven random models at gpt2 shape (124M parameters each)
 @pytest.mark.parametrize("config, expected", [
     # pyreft reports 73,776 for LoReFT rank 4 on all 12 layers of gpt2 with tied positions: 12 * (2*768*4 + 4).
     (MethodConfig("loreft", rank=4, positions="f1+l1"), 73_776),
@@ -128,45 +88,6 @@ def test_method_structure_errors():
         LoRAGPT2Layer(layer.layer, ["value"], rank=2, alpha=2.0)
     with pytest.raises(TypeError, match="expects a GPT2Model"):
         apply_method(nn.Linear(2, 2), MethodConfig("lora"))
-
-
-# ----------------------------------------------------------------------------- the formulas, written out
-@pytest.mark.parametrize("rslora", [False, True])
-def test_lora_computes_w_x_plus_scaled_b_a_x_on_its_third_of_qkv(rslora):
-    model = fresh(MethodConfig("lora", rank=4, alpha=8.0, targets=("query", "value"), layers=[0], rslora=rslora))
-    perturb_trainable(model, scale=0.3)
-    layer = model.h[0]
-    x = torch.randn(3, 5, 64)
-    scale = 8.0 / (2.0 if rslora else 4.0)  # alpha / sqrt(r) or alpha / r
-    expected = F.linear(x, layer.layer.attn.c_attn.weight, layer.layer.attn.c_attn.bias)
-    for target, third in (("query", 0), ("value", 2)):
-        a, b = layer.lora[target].A, layer.lora[target].B
-        expected[..., third * 64:(third + 1) * 64] += scale * x @ a.t() @ b.t()
-    with torch.no_grad():
-        torch.testing.assert_close(layer.layer.attn.c_attn(x), expected, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("method, activation", [("loreft", "identity"), ("noreft", "identity"), ("direft", "tanh"),
-                                                ("reft", "relu"), ("reft", "gelu")])
-def test_reft_interventions_compute_their_formula(method, activation):
-    model = fresh(MethodConfig(method, rank=3, alpha=6.0, layers=[0], positions="all", activation=activation))
-    perturb_trainable(model, scale=0.3)
-    component = "ffn" if method != "reft" else "attention"
-    intervention = model.h[0].interventions[component]["default"].interventions[0]
-    w, bias, rotate = intervention.source.weight, intervention.source.bias, intervention.rotate
-    h = torch.randn(4, 64)
-    act = {"identity": lambda z: z, "tanh": torch.tanh, "relu": torch.relu,
-           "gelu": lambda z: F.gelu(z, approximate="tanh")}[activation]
-    if method == "loreft":
-        r = torch.linalg.qr(rotate.t())[0].t()  # orthonormal rows spanning the stored R's rows
-        torch.testing.assert_close(r @ r.t(), torch.eye(3), atol=1e-5, rtol=0)
-        expected = h + 2.0 * (act(h @ w.t() + bias) - h @ r.t()) @ r  # h + (alpha/r) R^T (W h + b - R h)
-    elif method == "noreft":
-        expected = h + 2.0 * (act(h @ w.t() + bias) - h @ rotate.t()) @ rotate
-    else:  # direft and the adapter form: h + (alpha/r) R^T act(W h + b)
-        expected = h + 2.0 * act(h @ w.t() + bias) @ rotate
-    with torch.no_grad():
-        torch.testing.assert_close(intervention(h), expected, atol=1e-5, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- identity and honest training
@@ -204,40 +125,7 @@ def test_one_step_changes_only_trainable_tensors(name):
     assert name == "last-linear-layer" or reached
 
 
-# ----------------------------------------------------------------------------- LoRA merging
-def test_lora_merge_equals_unmerged_and_unmerge_restores_weights():
-    model = fresh(ADAPTING["lora"])
-    perturb_trainable(model)
-    original = {k: v.clone() for k, v in model.state_dict().items()}
-    ids, mask = right_padded([8, 3])
-    with torch.no_grad():
-        unmerged = model(ids, mask)["last_hidden_state"]
-        set_lora_merged(model, True)
-        merged = model(ids, mask)["last_hidden_state"]
-        assert not torch.equal(model.h[0].layer.attn.c_attn.weight, original["h.0.layer.attn.c_attn.weight"])
-        set_lora_merged(model, False)
-    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=0)
-    for key, value in model.state_dict().items():
-        assert torch.equal(value, original[key]), key
-    set_lora_merged(model, True)
-    model.train()
-    with pytest.raises(RuntimeError, match="unmerge"):
-        model(ids, mask)
-
-
 # ----------------------------------------------------------------------------- positions under padding
-def test_select_positions_on_left_and_right_padding():
-    right = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0]], dtype=torch.bool)
-    left = right.flip(-1)
-    slots = [("f", 0), ("f", 1), ("l", 0)]
-    index, valid = select_positions(right, slots)
-    assert index[valid].tolist() == [0, 1, 3, 0, 1, 0]
-    assert valid.tolist() == [[True, True, True], [True, True, False], [True, False, False]]
-    index, valid = select_positions(left, slots)
-    assert index[0].tolist() == [2, 3, 5] and index[1, :2].tolist() == [4, 5] and index[2, 0] == 5
-    assert valid.tolist() == [[True, True, True], [True, True, False], [True, False, False]]
-
-
 @pytest.mark.parametrize("name", ["reft", "loreft", "loreft-untied", "noreft", "direft", "lora"])
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_padded_batch_gives_each_example_its_own_outputs(name, side):
@@ -253,29 +141,6 @@ def test_padded_batch_gives_each_example_its_own_outputs(name, side):
             alone = model(ids[row, real][None])
             torch.testing.assert_close(batch["last_hidden_state"][row, real], alone["last_hidden_state"][0], atol=1e-5, rtol=0)
             torch.testing.assert_close(batch["last_token"][row], alone["last_token"][0], atol=1e-5, rtol=0)
-
-
-def test_positioned_interventions_act_only_on_their_positions():
-    base, model = fresh(), fresh(MethodConfig("loreft", positions="l1", layers=[1]))
-    perturb_trainable(model, scale=0.5)
-    ids, _ = right_padded([6])
-    with torch.no_grad():
-        edited, plain = model(ids)["last_hidden_state"], base(ids)["last_hidden_state"]
-    # Layer 1 is the last layer: only the last token's state can differ.
-    torch.testing.assert_close(edited[0, :5], plain[0, :5], atol=1e-6, rtol=0)
-    assert (edited[0, 5] - plain[0, 5]).abs().max() > 1e-3
-
-
-def test_loreft_projection_stays_orthonormal_in_fp32_under_bf16():
-    model = fresh(MethodConfig("loreft", rank=4))
-    model.set_precision("bf16")
-    intervention = model.h[0].interventions["ffn"]["default"].interventions[0]
-    assert intervention.rotate.dtype == torch.float32 and intervention.rotate.requires_grad
-    perturb_trainable(model, scale=0.3)
-    rotate = intervention.projection()
-    torch.testing.assert_close(rotate @ rotate.t(), torch.eye(4), atol=1e-5, rtol=0)
-    ids, _ = right_padded([5])
-    assert torch.isfinite(model(ids)["last_hidden_state"]).all()
 
 
 # ----------------------------------------------------------------------------- adapter files
@@ -381,6 +246,7 @@ def test_two_reft_adapters_trained_separately_both_apply(tmp_path):
 
 
 # ----------------------------------------------------------------------------- generation
+@pytest.mark.slow  # 36 generated tokens with and without the cache, per method
 @pytest.mark.parametrize("name", ["loreft", "loreft-untied", "reft", "lora"])
 def test_generation_with_interventions_cache_equals_no_cache(name):
     model = fresh(ADAPTING[name])
@@ -424,15 +290,16 @@ def test_method_config_validation_and_round_trip():
         apply_method(random_model("tiny"), MethodConfig("lora", layers=[5]))
 
 
-def test_command_line_flags():
-    parser = argparse.ArgumentParser()
-    add_method_arguments(parser)
-    config = method_config_from_args(parser.parse_args(
-        ["--method", "loreft", "--rank", "1", "--layers", "0,2", "--positions", "l3", "--untie-positions"]))
-    assert (config.method, config.rank, config.layers, config.positions, config.tie_positions) == ("loreft", 1, [0, 2], "l3", False)
-    config = method_config_from_args(parser.parse_args(["--method", "lora", "--lora-targets", "query,key", "--rslora"]))
-    assert config.targets == ("query", "key") and config.rslora
-    with pytest.raises(SystemExit):
-        method_config_from_args(parser.parse_args(["--method", "loreft", "--lora-targets", "query"]), parser)
-    with pytest.raises(ValueError, match="--layers must be comma-separated"):
-        method_config_from_args(parser.parse_args(["--method", "lora", "--layers", "first"]))
+def test_loading_onto_a_model_that_has_the_methods_builds_no_skeleton(tmp_path, monkeypatch):
+    """With the saved methods already applied, load_adapter checks the file against the model itself."""
+    import models.peft as peft
+
+    config = MethodConfig("loreft", rank=2, positions="l1")
+    model = fresh(config)
+    perturb_trainable(model)
+    save_adapter(model, tmp_path / "adapter")
+    target = fresh(config)
+    monkeypatch.setattr(peft, "skeleton_shapes", lambda *args: pytest.fail("built a skeleton needlessly"))
+    load_adapter(target, tmp_path / "adapter")
+    ids = torch.randint(0, 1000, (2, 6))
+    assert torch.equal(target(ids)["last_hidden_state"], model(ids)["last_hidden_state"])

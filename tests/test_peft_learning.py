@@ -25,6 +25,7 @@ from models.generation import SamplingConfig, generate
 from models.gpt2 import GPT2Model
 from models.peft import MethodConfig, apply_method
 
+pytestmark = pytest.mark.slow  # hundreds of training steps per test
 PROMPT_LENGTH, CONTINUATION_LENGTH = 8, 32
 
 

@@ -11,7 +11,9 @@ import torch
 
 import models.tokenizer as tokenizer_module
 from models.tokenizer import GPT2Tokenizer, bytes_to_unicode
-from tests.tiny_tokenizer import TINY_MERGES, write_tiny_tokenizer
+from tasks.config import TrainConfig
+from tasks.trainer import tokenizer_source
+from tests.fixtures.tiny_tokenizer import TINY_MERGES, write_tiny_tokenizer
 
 SHARED_DIR = Path(os.environ.get("GPT2_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
 REAL_TOKENIZER = SHARED_DIR / "gpt2-tokenizer"
@@ -180,66 +182,6 @@ def test_encode_rejects_non_strings(tiny):
         tiny.encode(b"yes")
 
 
-# ---- batches -------------------------------------------------------------------------------------
-
-def test_batch_right_padding(tiny):
-    batch = tiny(["yes", " the yes no", ""])
-    pad = tiny.pad_token_id
-    assert batch.input_ids.dtype == torch.long and batch.attention_mask.dtype == torch.long
-    assert batch.input_ids.tolist() == [[262, pad, pad], [258, 263, 260], [pad, pad, pad]]
-    assert batch.attention_mask.tolist() == [[1, 0, 0], [1, 1, 1], [0, 0, 0]]
-    assert batch.lengths == [1, 3, 0] and batch.num_truncated == 0
-
-
-def test_batch_left_padding_and_eos(tiny):
-    batch = tiny.encode_batch(["yes", " the no"], padding_side="left", add_eos=True)
-    pad = eos = tiny.eos_token_id
-    assert batch.input_ids.tolist() == [[pad, 262, eos], [258, 260, eos]]
-    assert batch.attention_mask.tolist() == [[0, 1, 1], [1, 1, 1]]
-    assert batch.lengths == [2, 3]
-
-
-@pytest.mark.parametrize("side, kept", [("right", [83, 257, 263]), ("left", [263, 260, 267])])
-def test_batch_truncation(tiny, side, kept):
-    batch = tiny(["the yes no\n\n", "yes", "a b c d"], max_length=3, truncation_side=side)
-    assert batch.input_ids[0].tolist() == kept
-    assert batch.input_ids[1].tolist() == [262, tiny.pad_token_id, tiny.pad_token_id]
-    assert batch.lengths == [3, 1, 3]
-    assert batch.num_truncated == 2  # 5 and 4 tokens cut to 3; "yes" fits
-
-
-def test_truncation_drops_eos_on_the_right(tiny):
-    batch = tiny([" the yes no"], max_length=3, add_eos=True)
-    assert batch.input_ids.tolist() == [[258, 263, 260]] and batch.num_truncated == 1
-    batch = tiny([" the yes no"], max_length=3, add_eos=True, truncation_side="left")
-    assert batch.input_ids.tolist() == [[263, 260, tiny.eos_token_id]]
-
-
-def test_batch_of_empty_texts(tiny):
-    batch = tiny(["", ""])
-    assert batch.input_ids.shape == (2, 0) and batch.lengths == [0, 0]
-
-
-@pytest.mark.parametrize("texts, kwargs, message", [
-    ([], {}, "texts is empty"),
-    ("yes", {}, "wrap a single text in a list"),
-    (["yes", 3], {}, r"texts\[1\]"),
-    (["yes", None], {}, r"texts\[1\]"),
-    (["yes"], {"max_length": 0}, "max_length"),
-    (["yes"], {"max_length": 2.5}, "max_length"),
-    (["yes"], {"padding_side": "middle"}, "padding_side"),
-    (["yes"], {"truncation_side": "both"}, "truncation_side"),
-])
-def test_batch_errors(tiny, texts, kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        tiny(texts, **kwargs)
-
-
-def test_batch_encoding_to_device(tiny):
-    batch = tiny(["yes no"]).to("cpu")
-    assert batch.input_ids.device.type == "cpu" and batch.lengths == [2]
-
-
 # ---- loading ---------------------------------------------------------------------------------------
 
 def test_from_files_equals_from_pretrained(tmp_path, tiny):
@@ -295,26 +237,13 @@ def test_malformed_merges(tmp_path, bad_line, message):
     assert "merges.txt" in str(error.value)
 
 
-def test_hub_name_offline_fails_fast_with_local_hint(tmp_path, monkeypatch):
-    import huggingface_hub.constants
+def test_tokenizer_defaults_to_the_model_directory_when_it_has_one(tmp_path):
+    from tests.fixtures.tiny_tokenizer import write_tiny_tokenizer
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
-    import huggingface_hub
-
-    real_download, calls = huggingface_hub.hf_hub_download, []
-
-    def download(*args, **kwargs):  # records whether anything but a local-cache look-up is attempted
-        calls.append(kwargs.get("local_files_only", False))
-        return real_download(*args, **kwargs)
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
-    with pytest.raises(OSError) as error:
-        GPT2Tokenizer.from_pretrained("gpt2")
-    # Only the cache was consulted: the hub client alone would retry for ~20 s without a network.
-    assert calls and all(calls)
-    message = str(error.value)
-    assert "vocab.json" in message and "merges.txt" in message and "shared/gpt2-tokenizer" in message
+    write_tiny_tokenizer(tmp_path / "model")
+    assert tokenizer_source(TrainConfig(task="sst", model=str(tmp_path / "model"))) == str(tmp_path / "model")
+    assert tokenizer_source(TrainConfig(task="sst", model=str(tmp_path))) == "gpt2"
+    assert tokenizer_source(TrainConfig(task="sst", model="random:tiny", tokenizer="tok")) == "tok"
 
 
 def test_hub_name_downloads_both_files(tmp_path, monkeypatch):

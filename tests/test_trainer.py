@@ -1,9 +1,8 @@
-"""The shared training loop: batching, schedule, gradient accumulation, checkpoints and resuming, the NaN
-stop, early stopping, the best checkpoint, the log and the RunResult compare.py reads."""
+"""The shared training loop: schedule, gradient accumulation, checkpoints and resuming, the NaN stop, early
+stopping, the best checkpoint, the log and the RunResult compare.py reads."""
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 
@@ -14,23 +13,19 @@ from torch import nn
 
 from models.tokenizer import GPT2Tokenizer
 from tasks import get_task
-from models.tokenizer import pad_sequences as pad
-from tasks.batching import bucketed_batches, sorted_batches
 from tasks.checkpoint import ResumeError, checkpoint_path
 from tasks.cli import parse_args
-from tasks.distributed import Distributed, interleave
+from tasks.distributed import Distributed
 from tasks.config import TrainConfig
 from tasks.trainer import (
     Trainer,
     TrainingDiverged,
     run_training,
-    tokenizer_source,
     warmup_then_decay,
 )
-from tests.conftest import random_model
-from tests.test_task_fixtures import base_args, one_thread, run_script, task_files  # noqa: F401 (fixtures)
+from tests.fixtures.task_files import base_args, run_script
 
-pytestmark = pytest.mark.filterwarnings("ignore:GPT2Model. random weights")
+pytestmark = [pytest.mark.filterwarnings("ignore:GPT2Model. random weights"), pytest.mark.usefixtures("one_thread")]
 TIMING_FIELDS = ("train_seconds", "train_tokens_per_second", "dev_seconds")
 
 
@@ -46,56 +41,6 @@ def without_timings(history):
     return [{k: v for k, v in entry.items() if k not in TIMING_FIELDS} for entry in history]
 
 
-# ----------------------------------------------------------------------------------------------- batching
-def test_bucketed_batches_hold_every_example_exactly_once_per_epoch():
-    lengths = [(i * 37) % 101 + 1 for i in range(1003)]
-    for epoch in range(3):
-        batches = bucketed_batches(lengths, batch_size=8, seed=5, epoch=epoch, bucket_batches=10)
-        flat = [i for batch in batches for i in batch]
-        assert sorted(flat) == list(range(len(lengths)))
-        assert all(1 <= len(batch) <= 8 for batch in batches)
-        assert sum(len(batch) < 8 for batch in batches) <= 1
-        assert len(batches) == math.ceil(len(lengths) / 8)
-
-
-def test_bucketed_batches_depend_on_seed_and_epoch_only():
-    lengths = list(range(1, 300))
-    assert bucketed_batches(lengths, 4, seed=1, epoch=0) == bucketed_batches(lengths, 4, seed=1, epoch=0)
-    assert bucketed_batches(lengths, 4, seed=1, epoch=0) != bucketed_batches(lengths, 4, seed=1, epoch=1)
-    assert bucketed_batches(lengths, 4, seed=1, epoch=0) != bucketed_batches(lengths, 4, seed=2, epoch=0)
-
-
-def test_bucketing_pads_far_less_than_random_batches_but_keeps_the_order_random():
-    generator = torch.Generator().manual_seed(0)
-    lengths = torch.randint(3, 120, (4000,), generator=generator).tolist()
-
-    def padding(batches):
-        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
-
-    bucketed = bucketed_batches(lengths, 16, seed=0, epoch=0)
-    order = torch.randperm(len(lengths), generator=generator).tolist()
-    random_batches = [order[i:i + 16] for i in range(0, len(order), 16)]
-    assert padding(bucketed) < 0.1 * padding(random_batches)
-    # Batch lengths are not sorted across the epoch: consecutive batches go up and down.
-    longest = [max(lengths[i] for i in b) for b in bucketed]
-    rises = sum(b > a for a, b in zip(longest, longest[1:]))
-    assert 0.3 < rises / (len(longest) - 1) < 0.7
-
-
-def test_sorted_batches_and_pad():
-    batches = sorted_batches([3, 1, 4, 1, 5], batch_size=2)
-    assert batches == [[4, 2], [0, 1], [3]]
-    ids, mask = pad([[5, 6, 7], [8]], pad_id=0)
-    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
-
-
-def test_interleave_undoes_sharding():
-    items = list(range(11))
-    shares = [Distributed(rank, 3).shard(items) for rank in range(3)]
-    assert shares[1] == [1, 4, 7, 10]
-    assert interleave(shares) == items
-
-
 # ----------------------------------------------------------------------------------------------- schedule
 def test_warmup_then_linear_decay():
     factor = warmup_then_decay(total_steps=10, warmup_steps=4)
@@ -103,27 +48,6 @@ def test_warmup_then_linear_decay():
     assert values[:4] == [0.25, 0.5, 0.75, 1.0]
     assert values[4:] == pytest.approx([1.0, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6])
     assert warmup_then_decay(5, 0)(0) == 1.0 and warmup_then_decay(5, 0)(4) == pytest.approx(0.2)
-
-
-# ----------------------------------------------------------------------------------------------- set-up
-def test_tokenizer_defaults_to_the_model_directory_when_it_has_one(tmp_path):
-    from tests.tiny_tokenizer import write_tiny_tokenizer
-
-    write_tiny_tokenizer(tmp_path / "model")
-    assert tokenizer_source(TrainConfig(task="sst", model=str(tmp_path / "model"))) == str(tmp_path / "model")
-    assert tokenizer_source(TrainConfig(task="sst", model=str(tmp_path))) == "gpt2"
-    assert tokenizer_source(TrainConfig(task="sst", model="random:tiny", tokenizer="tok")) == "tok"
-
-
-def test_set_dropout_reaches_every_dropout_of_the_base_model():
-    gpt = random_model("tiny")
-    gpt.set_dropout(0.0)
-    rates = [m.p for m in gpt.modules() if isinstance(m, nn.Dropout)]
-    rates += [m.dropout for m in gpt.modules() if isinstance(getattr(m, "dropout", None), float)]
-    assert len(rates) == 1 + 3 * gpt.config.n_layer and set(rates) == {0.0}
-    gpt.train()
-    ids = torch.randint(0, 1000, (2, 9))
-    torch.testing.assert_close(gpt(ids)["last_hidden_state"], gpt(ids)["last_hidden_state"])  # deterministic
 
 
 # ----------------------------------------------------------------------------------------------- steps
@@ -189,6 +113,7 @@ def test_run_writes_log_best_adapter_predictions_and_reports_what_compare_needs(
     assert json.loads(json.dumps(result.to_dict()))["task"] == "sst"
 
 
+@pytest.mark.slow  # 768 MiB of ballast
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's resettable peak RSS")
 def test_peak_memory_is_the_runs_own_not_the_processes(tmp_path, task_files):
     """compare.py runs several methods in one process: an earlier, larger peak must not leak into a run."""
@@ -199,6 +124,7 @@ def test_peak_memory_is_the_runs_own_not_the_processes(tmp_path, task_files):
     assert 0 < result.peak_memory_bytes < process_peak - 256 * 2**20
 
 
+@pytest.mark.slow  # three epochs
 def test_final_predictions_come_from_the_best_checkpoint(tmp_path, task_files, monkeypatch):
     """The dev metric is made to get worse every epoch, so epoch 1 is the best: the final predictions must be
     made with epoch 1's weights, not the last ones."""
@@ -226,6 +152,7 @@ def test_final_predictions_come_from_the_best_checkpoint(tmp_path, task_files, m
     assert torch.equal(seen[-1], best) and torch.equal(seen[-2], best)  # final dev and test predictions
 
 
+@pytest.mark.slow  # three epochs
 def test_early_stopping_after_patience_evaluations_without_improvement(tmp_path, task_files, monkeypatch):
     task = get_task("sst")
     monkeypatch.setattr(task, "metrics", lambda examples, predictions: {"accuracy": 0.5, "macro_f1": 0.1})
@@ -270,6 +197,7 @@ def interrupt_at_step(monkeypatch, step: int):
     monkeypatch.setattr(Trainer, "train_step", train_step)
 
 
+@pytest.mark.slow  # three runs of three epochs each
 @pytest.mark.parametrize("save_every_steps, stop_at", [(None, 9), (2, 4)], ids=["epoch-boundary", "mid-epoch"])
 def test_an_interrupted_run_resumed_ends_where_an_uninterrupted_one_does(tmp_path, task_files, monkeypatch,
                                                                          save_every_steps, stop_at):
@@ -307,6 +235,7 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, task_files):
         run_training("sst", config)
 
 
+@pytest.mark.slow  # two runs, each resumed
 @pytest.mark.parametrize("damage", ["truncated", "foreign"])
 def test_resume_refuses_a_damaged_or_foreign_checkpoint(tmp_path, task_files, damage):
     args = base_args(tmp_path, task_files)
@@ -326,6 +255,7 @@ def test_resume_without_a_checkpoint_says_so(tmp_path, task_files):
     assert code == 1 and "--resume: no checkpoint at" in err
 
 
+@pytest.mark.slow  # four runs
 def test_a_finished_run_is_not_overwritten_without_resume_or_overwrite(tmp_path, task_files):
     args = base_args(tmp_path, task_files)
     assert run_script("sentiment", args)[0] == 0
@@ -337,3 +267,34 @@ def test_a_finished_run_is_not_overwritten_without_resume_or_overwrite(tmp_path,
     assert code == 0 and "already finished" in out
     assert run_script("sentiment", args + ["--overwrite", "--epochs", "2"])[0] == 0
     assert len(json.loads((tmp_path / "run" / "log.json").read_text())["epochs"]) == 2
+
+
+# ----------------------------------------------------------------------------------------------- trainer state
+def test_progress_and_best_are_what_the_resume_checkpoint_stores(tmp_path, task_files):
+    """The checkpoint holds the Progress and Best dataclasses as dicts, and the trained tensors are the ones the
+    best adapter holds (one function gathers both)."""
+    from dataclasses import asdict
+
+    from safetensors.torch import load_file
+
+    from models.loading import load_torch_file
+    from tasks.trainer import Best, Progress
+
+    code, _, err = run_script("sentiment", base_args(tmp_path, task_files, max_train_examples=8, max_eval_examples=4))
+    assert code == 0, err
+    state = load_torch_file(tmp_path / "run" / "last" / "checkpoint.pt")
+    assert Progress.from_dict(state["progress"]) == Progress(epoch=1, step=2)  # 8 examples, batch 4: 2 steps
+    assert set(state["progress"]) == set(asdict(Progress())) and Best(**state["best"]).epoch == 1
+    adapter = load_file(tmp_path / "run" / "best" / "adapter.safetensors")
+    assert set(adapter) == set(state["trainable"])
+    assert all(torch.equal(adapter[key], state["trainable"][key]) for key in adapter)  # one epoch: best is last
+
+
+def test_progress_reads_checkpoints_written_before_its_fields_were_named():
+    from tasks.trainer import Progress
+
+    old = {"epoch": 2, "batch": 3, "step": 40, "loss_sum": 1.5, "terms": 12, "tokens": 300, "seconds": 2.0,
+           "grad_norm_sum": 4.0, "steps": 3}
+    assert Progress.from_dict(old) == Progress(epoch=2, batch=3, step=40, epoch_steps=3, loss_sum=1.5, terms=12,
+                                               tokens=300, seconds=2.0, grad_norm_sum=4.0)
+    assert Progress(epoch=2, step=40, tokens=9).next_epoch() == Progress(epoch=3, step=40)

@@ -1,0 +1,51 @@
+"""The README's tables of methods and method flags, generated from the registry (models/methods.py), so that
+they cannot drift from the code: `python -m models.method_table` prints them, and a test checks the README
+holds exactly these."""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from models.config import GPT2Config
+from models.gpt2 import GPT2Model
+from models.methods import OPTIONS, MethodConfig, flag_options, registered_methods
+from models.peft import apply_method
+
+
+def gpt2_trainable_count(method: str) -> int:
+    """GPT-2 parameters a method trains at the gpt2 shape with its defaults (counted on the meta device: no
+    memory, no weights)."""
+    with torch.device("meta"):
+        gpt = GPT2Model(GPT2Config.preset("gpt2"))
+    apply_method(gpt, MethodConfig(method))
+    return sum(p.numel() for p in gpt.parameters() if p.requires_grad)
+
+
+def method_table() -> str:
+    base = gpt2_trainable_count("full")
+    lines = ["| `--method` | what trains | options (default) | trainable on gpt2 |", "|---|---|---|---|"]
+    for method in registered_methods():
+        flags = [f"`{OPTIONS[name].flag}` ({OPTIONS[name].describe(default)})"
+                 for name, default in method.options.items() if OPTIONS[name].flag]
+        count = gpt2_trainable_count(method.name)
+        if not method.adapts_gpt2:
+            shown = f"{count:,} (+ head)"
+        else:
+            percent = 100 * count / (base + (count if method.freezes_base else 0))
+            shown = f"{count:,} ({percent:.2g}%)" if percent < 99.95 else f"{count:,} (100%)"
+        lines.append(f"| `{method.name}` | {method.trains} | {', '.join(flags)} | {shown} |")
+    return "\n".join(lines)
+
+
+def option_table() -> str:
+    lines = ["| flag | meaning | methods |", "|---|---|---|"]
+    for option in flag_options():
+        users = [m.name for m in registered_methods() if option.name in m.options]
+        choices = f" ({' / '.join(option.choices)})" if option.choices else ""
+        lines.append(f"| `{option.flag}` | {option.help}{choices} | {', '.join(users)} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(method_table() + "\n\n" + option_table() + "\n")

@@ -1,0 +1,157 @@
+"""Every fine-tuning method, declared once: its options and defaults, its learning rate, and how it is applied.
+
+    from models.methods import MethodConfig, get_method, method_names
+    get_method("loreft").options   # {'layers': None, 'rank': 4, ...}
+
+Each method's computation lives in its module under modules/ (modules/lora.py, modules/reft.py); an entry here
+only says how to put it into a GPT2Model. To add a method: define any new option (`define_option`), then
+`register_method(Method(...))` with an `apply` function; the command line, compare.py, MethodConfig and the
+adapter files then know it. `python -m models.method_table` prints the README's tables of methods and flags.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from models.registry import (
+    OPTIONS,
+    Method,
+    MethodConfig,
+    Option,
+    OptionError,
+    at_least_one,
+    boolean,
+    comma_list,
+    define_option,
+    describe_default,
+    finite_number,
+    flag_options,
+    get_method,
+    method_names,
+    one_of,
+    parse_float,
+    parse_int,
+    probability,
+    register_method,
+    registered_methods,
+    subset_of,
+    unregister_method,
+)
+from modules.lora import LORA_TARGETS, LoRAGPT2Layer
+from modules.reft import ACTIVATIONS, COMPONENTS, POSITIONS_RULE, PositionedIntervention, ReFTGPT2Layer, parse_positions
+
+__all__ = ["MethodConfig", "Method", "Option", "OptionError", "OPTIONS", "define_option", "describe_default", "flag_options",
+           "get_method", "method_names", "register_method", "registered_methods", "unregister_method"]
+
+
+# ------------------------------------------------------------------------------------------------- options
+def layer_indices(value) -> list[int]:
+    layers = sorted(set(int(i) for i in value))
+    if not layers:
+        raise ValueError("must name at least one layer (or be None for all)")
+    return layers
+
+
+def parse_layers(text: str) -> list[int]:
+    try:
+        return [int(item) for item in comma_list(text)]
+    except ValueError:
+        raise ValueError(f"must be comma-separated layer indices such as 0,5,11; got {text!r}") from None
+
+
+def check_positions(value: str) -> str:
+    try:
+        parse_positions(value)
+    except ValueError:
+        raise ValueError(f"{POSITIONS_RULE}; got {value!r}") from None
+    return value
+
+
+for _option in (
+    Option("layers", "comma-separated layer indices to adapt", "--layers", parse_layers, layer_indices),
+    Option("rank", "rank of the low-rank update or intervention", "--rank", parse_int, at_least_one),
+    Option("alpha", "scale numerator: updates are scaled by alpha/rank", "--alpha", parse_float, finite_number),
+    Option("dropout", "dropout inside the method's own path", "--method-dropout", parse_float, probability),
+    Option("targets", f"LoRA: comma-separated projections, among {', '.join(LORA_TARGETS)}", "--lora-targets",
+           comma_list, subset_of(tuple(LORA_TARGETS)), label="LoRA targets"),
+    Option("rslora", "LoRA: rank-stabilised scale alpha/sqrt(rank)", "--rslora", check=boolean, switch=True),
+    Option("components", "ReFT: where in each layer, attention and/or ffn (the layer's output), comma-separated",
+           "--reft-components", comma_list, subset_of(COMPONENTS), label="ReFT components"),
+    Option("positions", "ReFT: 'all' or first/last prompt tokens such as f1+l1, l1, f2+l2", "--positions",
+           check=check_positions),
+    Option("tie_positions", "ReFT: one intervention per position instead of one shared by all",
+           "--untie-positions", check=boolean, switch=False),
+    Option("activation", "ReFT: activation inside the intervention", "--activation", check=one_of(tuple(ACTIVATIONS)),
+           choices=tuple(ACTIVATIONS)),
+    Option("name", "ReFT: the adapter's name, so that several adapters can share a model"),
+):
+    define_option(_option)
+
+
+# ------------------------------------------------------------------------------------------------- methods
+def train_everything(gpt, config, layers) -> None:
+    """Full fine-tuning: the base stays trainable."""
+
+
+def train_head_only(gpt, config, layers) -> None:
+    """Nothing inside GPT-2 trains: the task's head (built around it) is all that learns."""
+
+
+def unfreeze(gpt, config, layers, wanted) -> None:
+    """Makes trainable the parameters `wanted(module, name)` picks in the chosen layers (and ln_f with all)."""
+    chosen = [gpt.h[index] for index in layers] + ([gpt.ln_f] if config.layers is None else [])
+    for module in (sub for part in chosen for sub in part.modules()):
+        for name, param in module.named_parameters(recurse=False):
+            param.requires_grad_(wanted(module, name))
+
+
+def add_lora(gpt, config, layers) -> None:
+    for index in layers:
+        gpt.h[index] = LoRAGPT2Layer(gpt.h[index], config.targets, config.rank, config.alpha, config.dropout,
+                                     rank_stabilized=config.rslora)
+
+
+def reft_applier(orthogonal: bool, subtract_projection: bool):
+    """The ReFT family differs only in two flags of the one intervention class (modules/reft.py)."""
+    def add_interventions(gpt, config, layers) -> None:
+        for index in layers:
+            if not isinstance(gpt.h[index], ReFTGPT2Layer):
+                gpt.h[index] = ReFTGPT2Layer(gpt.h[index])
+            for component in config.components:
+                gpt.h[index].add(component, config.name, PositionedIntervention(
+                    gpt.config.n_embd, config.rank, config.positions, config.tie_positions,
+                    orthogonal=orthogonal, subtract_projection=subtract_projection, activation=config.activation,
+                    dropout=config.dropout, scale=config.alpha / config.rank,
+                ))
+    return add_interventions
+
+
+def alpha_equals_rank(options: dict) -> float:
+    """= rank"""
+    return float(options["rank"])
+
+
+REFT_OPTIONS = {"layers": None, "rank": 4, "alpha": alpha_equals_rank, "dropout": 0.0, "components": ("ffn",),
+                "positions": "f1+l1", "tie_positions": True, "activation": "identity", "name": "default"}
+
+for _method in (
+    Method("full", "everything", train_everything, lr=1e-5, freezes_base=False),
+    Method("last-linear-layer", "the task head only", train_head_only, adapts_gpt2=False),
+    Method("bitfit", "every bias", lambda gpt, config, layers: unfreeze(gpt, config, layers, lambda m, n: n == "bias"),
+           {"layers": None}),
+    Method("layernorm", "every LayerNorm's gain and bias (`ln_1`, `ln_2`; `ln_f` with all layers)",
+           lambda gpt, config, layers: unfreeze(gpt, config, layers, lambda m, n: isinstance(m, nn.LayerNorm)),
+           {"layers": None}),
+    Method("lora", "`W x + (alpha/r) B A x` on chosen projections; A random, B zero", add_lora,
+           {"layers": None, "rank": 8, "alpha": 16.0, "dropout": 0.0, "targets": ("query", "value"), "rslora": False}),
+    Method("reft", "adapter after a sublayer: `h + (alpha/r) up(dropout(act(down h)))`, up zero",
+           reft_applier(orthogonal=False, subtract_projection=False),
+           {**REFT_OPTIONS, "rank": 8, "components": ("attention", "ffn"), "positions": "all", "activation": "relu"},
+           stacks=True),
+    Method("loreft", "`h + R^T (W h + b - R h)` on a layer's output at chosen prompt positions, R orthonormal "
+           "(kept in fp32)", reft_applier(orthogonal=True, subtract_projection=True), REFT_OPTIONS, stacks=True),
+    Method("noreft", "as loreft, R not orthogonal", reft_applier(orthogonal=False, subtract_projection=True),
+           REFT_OPTIONS, stacks=True),
+    Method("direft", "`h + W2^T (W1 h + b)`", reft_applier(orthogonal=False, subtract_projection=False),
+           REFT_OPTIONS, stacks=True),
+):
+    register_method(_method)

@@ -1,0 +1,264 @@
+"""The machinery of the method registry: what an option and a method declare, and MethodConfig, a method with
+its options. The built-in methods themselves are declared in models/methods.py, which is what callers import.
+
+A method is one `Method` entry: its name, the options it takes with their defaults, its default learning rate,
+how it is applied to a GPT2Model and whether several can share a model. An option is one `Option` entry: its
+command-line flag, help, parser and check. Everything else derives from these two tables: MethodConfig's
+validation, the command-line flags (tasks/cli.py), compare.py's flag routing, the adapter files
+(models/peft.py) and the README's method table (`python -m models.methods`).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+
+class OptionError(ValueError):
+    """A bad value for one option: `option` is its name, `detail` the problem ('must be >= 1, got 0'); the
+    message names the option in words, the command line names its flag instead."""
+
+    def __init__(self, option: "Option", detail: str):
+        super().__init__(f"{option.label} {detail}")
+        self.option, self.detail = option, detail
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # the MethodConfig attribute and the key in adapter_config.json
+    help: str
+    flag: Optional[str] = None  # the command-line flag; None: set from Python only
+    parse: Callable[[str], Any] = str  # the flag's text -> the value; ValueError('must be ...') when it cannot
+    check: Optional[Callable[[Any], Any]] = None  # value -> normalised value; ValueError('must be ...') when bad
+    switch: Any = None  # a flag that takes no value sets this (True; False for --untie-positions)
+    choices: Optional[tuple] = None  # the values the flag accepts, for --help
+    label: Optional[str] = None  # how messages name the option ('LoRA targets'); default: its name
+
+    def __post_init__(self):
+        if self.label is None:
+            object.__setattr__(self, "label", self.name)
+
+    def describe(self, default: Any) -> str:
+        """A method's default for this option as help and the README show it; a switch flag is 'off' unless the
+        default is what the flag sets."""
+        if self.switch is not None:
+            return "on" if default == self.switch else "off"
+        return describe_default(default)
+
+    def normalise(self, value: Any) -> Any:
+        if self.check is None:
+            return value
+        try:
+            return self.check(value)
+        except ValueError as error:
+            raise OptionError(self, str(error)) from None
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str  # the --method value
+    trains: str  # what trains, in a few words (the README's table)
+    apply: Callable  # apply(gpt, config, layers): adds the method's trainable parts to gpt, in place
+    options: dict = field(default_factory=dict)  # option name -> default; a callable default is computed from
+    #                                              the other options (ReFT's alpha defaults to the rank)
+    lr: float = 1e-3  # default peak learning rate
+    freezes_base: bool = True  # False: GPT-2's own weights train too (full fine-tuning)
+    adapts_gpt2: bool = True  # False: nothing inside GPT-2 trains, only a task's head
+    stacks: bool = False  # several stacking methods can share one model, each under its own `name` option
+
+
+OPTIONS: dict[str, Option] = {}
+METHODS: dict[str, Method] = {}
+
+
+def define_option(option: Option) -> Option:
+    """Adds an option that methods can then name; options are shared (one --rank for every method with a rank)."""
+    if option.name in OPTIONS and OPTIONS[option.name] != option:
+        raise ValueError(f"option {option.name!r} is already defined differently")
+    if option.name in ("method", "options"):
+        raise ValueError(f"{option.name!r} cannot be an option name")
+    flags = {o.flag: o.name for o in OPTIONS.values() if o.flag}
+    if option.flag and flags.get(option.flag, option.name) != option.name:
+        raise ValueError(f"flag {option.flag} already belongs to option {flags[option.flag]!r}")
+    OPTIONS[option.name] = option
+    return option
+
+
+def register_method(method: Method) -> Method:
+    """Adds a method: from then on MethodConfig, apply_method, the command line, compare.py and the adapter files
+    know it. Its options must be defined first (define_option)."""
+    if method.name in METHODS:
+        raise ValueError(f"a method named {method.name!r} is already registered")
+    unknown = [name for name in method.options if name not in OPTIONS]
+    if unknown:
+        raise ValueError(f"method {method.name!r} names options that are not defined: {', '.join(unknown)}")
+    if method.stacks and "name" not in method.options:
+        raise ValueError(f"method {method.name!r} stacks, so it needs the 'name' option")
+    METHODS[method.name] = method
+    return method
+
+
+def unregister_method(name: str) -> None:
+    """Removes a method added with register_method (tests that register their own clean up with it)."""
+    METHODS.pop(name)
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def method_names() -> tuple[str, ...]:
+    return tuple(METHODS)
+
+
+def registered_methods() -> list[Method]:
+    return list(METHODS.values())
+
+
+def describe_default(value: Any) -> str:
+    """An option's default as the help and the README show it: 'all' for every layer, '8', 'query,value', 'off'."""
+    if value is None:
+        return "all"
+    if callable(value):
+        return (value.__doc__ or "computed from the other options").strip()
+    if isinstance(value, tuple):
+        return ",".join(value)
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def flag_options() -> list[Option]:
+    """The options that have a command-line flag, in definition order."""
+    return [option for option in OPTIONS.values() if option.flag]
+
+
+class MethodConfig:
+    """A fine-tuning method and its options. Options left out (or None) take the method's defaults; an option
+    of another method is an error. Options read and write as attributes (`config.rank`); an option that the
+    method does not take reads as None.
+
+        MethodConfig("loreft", rank=4, positions="l1")
+    """
+
+    def __init__(self, method: str = "full", **options: Any):
+        spec = get_method(method)
+        for name, value in options.items():
+            if name not in OPTIONS:
+                raise ValueError(f"unknown method option {name!r}")
+            if name not in spec.options and value is not None:
+                raise ValueError(f"option {name!r} does not apply to method {method!r}")
+        values = {}
+        for name, default in spec.options.items():  # given values and plain defaults, then computed defaults
+            value = options.get(name)
+            values[name] = default if value is None and not callable(default) else value
+        for name, default in spec.options.items():
+            if values[name] is None and callable(default):
+                values[name] = default(values)
+        object.__setattr__(self, "method", method)
+        object.__setattr__(self, "options", {name: OPTIONS[name].normalise(v) if v is not None else None
+                                             for name, v in values.items()})
+
+    @property
+    def spec(self) -> Method:
+        return get_method(self.method)
+
+    def __getattr__(self, name: str) -> Any:
+        options = self.__dict__.get("options")
+        if options is not None and name in options:
+            return options[name]
+        if name in OPTIONS:
+            return None
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in self.options:
+            raise AttributeError(f"method {self.method!r} has no option {name!r}")
+        self.options[name] = OPTIONS[name].normalise(value) if value is not None else None
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, MethodConfig) and (self.method, self.options) == (other.method, other.options)
+
+    def __repr__(self) -> str:
+        options = "".join(f", {name}={value!r}" for name, value in self.options.items())
+        return f"MethodConfig({self.method!r}{options})"
+
+    def to_dict(self) -> dict:
+        """The method and its options, JSON-ready (tuples as lists)."""
+        return {"method": self.method, **{name: list(v) if isinstance(v, tuple) else v for name, v in self.options.items()}}
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "MethodConfig":
+        if not isinstance(raw, dict) or not isinstance(raw.get("method"), str):
+            raise ValueError(f"a method configuration must be a JSON object with a 'method' name, got {json.dumps(raw)[:80]}")
+        unknown = sorted(set(raw) - set(OPTIONS) - {"method"})
+        if unknown:
+            raise ValueError(f"unknown method options {unknown}")
+        options = dict(raw)
+        return cls(options.pop("method"), **options)
+
+
+# ------------------------------------------------------------------------------------------ checks and parsers
+# Each returns the normalised value or raises ValueError with the problem ("must be ..."): OptionError and the
+# command line add which option or flag it is.
+def at_least_one(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"must be >= 1, got {value!r}")
+    return value
+
+
+def finite_number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"must be a finite number, got {value!r}")
+    return float(value)
+
+
+def probability(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"must be in [0, 1), got {value!r}")
+    return float(value)
+
+
+def boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"must be true or false, got {value!r}")
+    return value
+
+
+def one_of(choices) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, got {value!r}")
+        return value
+    return check
+
+
+def subset_of(choices) -> Callable[[Any], tuple]:
+    """A non-empty list of distinct choices, as a tuple."""
+    def check(value: Any) -> tuple:
+        items = (value,) if isinstance(value, str) else tuple(value)
+        if not items or any(item not in choices for item in items):
+            raise ValueError(f"must be among {', '.join(choices)}; got {list(items)}")
+        return items
+    return check
+
+
+def comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def parse_float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"must be a number, got {text!r}") from None
+
+
+def parse_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"must be an integer, got {text!r}") from None

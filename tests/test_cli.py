@@ -1,0 +1,67 @@
+"""tasks.cli: the scripts' flags (argparse errors that name the flag, defaults that follow the method and the
+task) and problems the user can fix reported as one clear line."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from data.readers import default_paths
+from tasks.cli import add_method_arguments, method_config_from_args, parse_args
+from tests.fixtures.task_files import base_args, run_script, write_data_dir
+
+pytestmark = [pytest.mark.filterwarnings("ignore:GPT2Model. random weights"), pytest.mark.usefixtures("one_thread")]
+
+
+@pytest.mark.slow  # three runs of the script
+def test_data_errors_surface_as_one_clear_line(tmp_path, task_files):
+    data_dir = write_data_dir(tmp_path / "data")
+    train = default_paths("sst", data_dir)["train"]
+    lines = train.read_text().splitlines(keepends=True)
+    lines[3] = lines[3].rstrip("\n").rsplit("\t", 1)[0] + "\t7\n"  # an SST label outside 0-4
+    train.write_text("".join(lines))
+    code, _, err = run_script("sentiment", base_args(tmp_path, task_files._replace(data=data_dir)))
+    assert code == 1 and err.startswith(f"error: {train}:4: unknown label '7'") and "Traceback" not in err
+    code, _, err = run_script("sentiment", base_args(tmp_path, task_files._replace(data=tmp_path / "nowhere")))
+    assert code == 1 and f"{tmp_path / 'nowhere' / 'ids-sst-train.csv'}: directory does not exist (point --data-dir at the folder" in err
+    code, _, err = run_script("sentiment", base_args(tmp_path, task_files) + ["--max-length", "5000", "--overwrite"])
+    assert code == 1 and "--max-length 5000 exceeds the context of the model" in err
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--batch-size", "0", "argument --batch-size: must be a positive integer, got '0'"),
+    ("--lr", "-1", "argument --lr: must be in (0, inf)"),
+    ("--warmup-ratio", "1.5", "argument --warmup-ratio: must be in [0, 1)"),
+    ("--precision", "fp16", "argument --precision: invalid choice"),
+    ("--method", "prefix", "argument --method: invalid choice"),
+    ("--rank", "4", "--rank does not apply to method 'full'"),
+])
+def test_bad_flags_are_argparse_errors_naming_the_flag(capsys, flag, value, message):
+    with pytest.raises(SystemExit) as exit:
+        parse_args("sst", [flag, value])
+    assert exit.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_defaults_follow_the_method_and_task():
+    assert parse_args("sst", []).learning_rate == 1e-5
+    assert parse_args("sst", ["--method", "loreft"]).learning_rate == 1e-3
+    assert parse_args("sst", ["--method", "lora", "--lr", "3e-4"]).learning_rate == 3e-4
+    assert str(parse_args("cfimdb", ["--method", "lora"]).run_dir) == "runs/cfimdb-lora"
+    assert parse_args("sst", ["--task", "cfimdb"]).task == "cfimdb"
+    assert parse_args("sst", ["--max-grad-norm", "0"]).max_grad_norm is None
+    config = parse_args("sonnet", ["--temperature", "0.7", "--top-p", "0.5"])
+    assert (config.temperature, config.top_p, config.task) == (0.7, 0.5, "sonnet")
+
+
+def test_command_line_flags():
+    parser = argparse.ArgumentParser()
+    add_method_arguments(parser)
+    config = method_config_from_args(parser.parse_args(
+        ["--method", "loreft", "--rank", "1", "--layers", "0,2", "--positions", "l3", "--untie-positions"]))
+    assert (config.method, config.rank, config.layers, config.positions, config.tie_positions) == ("loreft", 1, [0, 2], "l3", False)
+    config = method_config_from_args(parser.parse_args(["--method", "lora", "--lora-targets", "query,key", "--rslora"]))
+    assert config.targets == ("query", "key") and config.rslora
+    with pytest.raises(SystemExit):
+        method_config_from_args(parser.parse_args(["--method", "loreft", "--lora-targets", "query"]), parser)
+    with pytest.raises(ValueError, match="--layers must be comma-separated"):
+        method_config_from_args(parser.parse_args(["--method", "lora", "--layers", "first"]))
