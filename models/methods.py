@@ -34,13 +34,12 @@ from models.registry import (
     register_method,
     registered_methods,
     subset_of,
-    unregister_method,
 )
 from modules.lora import LORA_TARGETS, LoRAGPT2Layer
 from modules.reft import ACTIVATIONS, COMPONENTS, POSITIONS_RULE, PositionedIntervention, ReFTGPT2Layer, parse_positions
 
 __all__ = ["MethodConfig", "Method", "Option", "OptionError", "OPTIONS", "define_option", "describe_default", "flag_options",
-           "get_method", "method_names", "register_method", "registered_methods", "unregister_method"]
+           "get_method", "method_names", "register_method", "registered_methods"]
 
 
 # ------------------------------------------------------------------------------------------------- options

@@ -99,11 +99,6 @@ def register_method(method: Method) -> Method:
     return method
 
 
-def unregister_method(name: str) -> None:
-    """Removes a method added with register_method (tests that register their own clean up with it)."""
-    METHODS.pop(name)
-
-
 def get_method(name: str) -> Method:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
