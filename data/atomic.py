@@ -40,8 +40,7 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
         temp.unlink(missing_ok=True)
         if str(path) in str(error) or error.errno is None:
             raise
-        # "[Errno 28] No space left on device" alone does not say which write failed.
-        raise OSError(error.errno, f"cannot write {path}: {error.strerror or error}") from error
+        raise naming(error, f"cannot write {path}") from error
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
@@ -56,6 +55,25 @@ def atomic_write(path: PathLike, mode: str = "w") -> Iterator:
     text = {"encoding": "utf-8", "newline": ""} if mode == "w" else {}
     with atomic_path(path) as temp, open(temp, mode, **text) as handle:
         yield handle
+
+
+def check_writable(directory: PathLike) -> None:
+    """Creates `directory` if needed and checks that a file can be written in it, so that a read-only or
+    impossible output location is found before hours of work go into what would be written there."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test-{os.getpid()}.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise naming(error, f"cannot write in {directory}") from None
+
+
+def naming(error: OSError, what: str) -> OSError:
+    """The same OSError (same errno, same subclass) saying what failed: "[Errno 28] No space left on device"
+    alone does not say which file."""
+    return OSError(error.errno, f"{what}: {error.strerror or error}")
 
 
 def atomic_save(write: Callable[[Path], object], path: PathLike) -> None:

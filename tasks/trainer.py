@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import re
 import resource
 import sys
@@ -30,7 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from models.gpt2 import GPT2Model, resolve_precision
-from data.atomic import atomic_save
+from data.atomic import atomic_save, check_writable
 from models.peft import (
     ADAPTER_CONFIG,
     adapter_file_size,
@@ -166,19 +165,6 @@ def peak_memory_bytes(device: torch.device) -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
-def ensure_writable(directory: Path) -> None:
-    """Creates `directory` if needed and checks that a file can be written there, so that a read-only or missing
-    output location stops the run before training instead of after an epoch."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".write-test-{os.getpid()}.tmp"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        raise OSError(error.errno, f"cannot write in {directory} ({error.strerror or error}); choose another "
-                      "--output-dir / --predictions-dir or free the disk") from None
-
-
 class LossModule(nn.Module):
     """The task model with the task's loss as its forward, so that DistributedDataParallel can wrap it."""
 
@@ -220,7 +206,7 @@ class Trainer:
         if self.dist.is_main:
             self.lock.acquire()  # held until the run ends; a second run into this directory is refused
             for directory in (self.run_dir, self.task.prediction_path(config, "dev").parent):
-                ensure_writable(directory)  # now, not after the first epoch
+                check_writable(directory)  # now, not after the first epoch
             for stale in ckpt.remove_stale_temp_files(self.run_dir):
                 self.say(f"  removed {stale}, left by an interrupted write")
         # A checkpoint of another run is refused before minutes go into loading the model and the data.

@@ -114,4 +114,4 @@ def test_an_unwritable_output_location_stops_the_run_before_training(tmp_path, t
     trained = []
     monkeypatch.setattr(trainer.Trainer, "train_epoch", lambda self, epoch: trained.append(epoch))
     code, _, err = run_script("sentiment", quick_args(tmp_path, task_files, predictions_dir=blocker / "predictions"))
-    assert code == 1 and f"cannot write in {blocker / 'predictions'}" in err and not trained
+    assert code == 1 and f"cannot write in {blocker / 'predictions'}: Not a directory" in err and not trained
