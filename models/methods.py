@@ -133,8 +133,8 @@ REFT_OPTIONS = {"layers": None, "rank": 4, "alpha": alpha_equals_rank, "dropout"
                 "positions": "f1+l1", "tie_positions": True, "activation": "identity", "name": "default"}
 
 for _method in (
-    Method("full", "everything", train_everything, lr=1e-5, freezes_base=False),
-    Method("last-linear-layer", "the task head only", train_head_only, adapts_gpt2=False),
+    Method("full", "everything", train_everything, lr=1e-5, freezes_base=False, family="base"),
+    Method("last-linear-layer", "the task head only", train_head_only, adapts_gpt2=False, family="head"),
     Method("bitfit", "every bias", lambda gpt, config, layers: unfreeze(gpt, config, layers, lambda m, n: n == "bias"),
            {"layers": None}),
     Method("layernorm", "every LayerNorm's gain and bias (`ln_1`, `ln_2`; `ln_f` with all layers)",
@@ -145,12 +145,12 @@ for _method in (
     Method("reft", "adapter after a sublayer: `h + (alpha/r) up(dropout(act(down h)))`, up zero",
            reft_applier(orthogonal=False, subtract_projection=False),
            {**REFT_OPTIONS, "rank": 8, "components": ("attention", "ffn"), "positions": "all", "activation": "relu"},
-           stacks=True),
+           stacks=True, family="reft"),
     Method("loreft", "`h + R^T (W h + b - R h)` on a layer's output at chosen prompt positions, R orthonormal "
-           "(kept in fp32)", reft_applier(orthogonal=True, subtract_projection=True), REFT_OPTIONS, stacks=True),
+           "(kept in fp32)", reft_applier(orthogonal=True, subtract_projection=True), REFT_OPTIONS, stacks=True, family="reft"),
     Method("noreft", "as loreft, R not orthogonal", reft_applier(orthogonal=False, subtract_projection=True),
-           REFT_OPTIONS, stacks=True),
+           REFT_OPTIONS, stacks=True, family="reft"),
     Method("direft", "`h + W2^T (W1 h + b)`", reft_applier(orthogonal=False, subtract_projection=False),
-           REFT_OPTIONS, stacks=True),
+           REFT_OPTIONS, stacks=True, family="reft"),
 ):
     register_method(_method)

@@ -66,8 +66,11 @@ class Method:
     freezes_base: bool = True  # False: GPT-2's own weights train too (full fine-tuning)
     adapts_gpt2: bool = True  # False: nothing inside GPT-2 trains, only a task's head
     stacks: bool = False  # several stacking methods can share one model, each under its own `name` option
+    family: str = "weights"  # what it changes: "base" (all of GPT-2), "head" (nothing inside GPT-2), "weights"
+    #                          (GPT-2's weights or their updates), "reft" (hidden states), "prompt" (virtual tokens)
 
 
+FAMILIES = ("base", "head", "weights", "reft", "prompt")
 OPTIONS: dict[str, Option] = {}
 METHODS: dict[str, Method] = {}
 
@@ -93,6 +96,8 @@ def register_method(method: Method) -> Method:
     unknown = [name for name in method.options if name not in OPTIONS]
     if unknown:
         raise ValueError(f"method {method.name!r} names options that are not defined: {', '.join(unknown)}")
+    if method.family not in FAMILIES:
+        raise ValueError(f"method {method.name!r}: family must be one of {', '.join(FAMILIES)}, got {method.family!r}")
     if method.stacks and "name" not in method.options:
         raise ValueError(f"method {method.name!r} stacks, so it needs the 'name' option")
     METHODS[method.name] = method
