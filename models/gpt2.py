@@ -49,6 +49,8 @@ def resolve_precision(requested: str, device: torch.device) -> str:
 class GPT2Model(nn.Module):
     def __init__(self, config: GPT2Config):
         super().__init__()
+        if torch.get_default_device().type != "meta":  # a meta skeleton allocates nothing
+            config.check_memory()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.n_positions, config.n_embd)
