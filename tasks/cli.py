@@ -17,7 +17,7 @@ from models.methods import (
     method_names,
     registered_methods,
 )
-from tasks.config import TrainConfig
+from tasks.config import TrainConfig, seed_problem
 from tasks.trainer import TrainingDiverged, run_training
 
 SCRIPTS = {"sentiment": ("sst", "cfimdb"), "paraphrase": ("quora",), "sonnet": ("sonnet",)}
@@ -59,6 +59,16 @@ def number_in(low: float, high: float, low_open: bool = False, high_open: bool =
             raise argparse.ArgumentTypeError(f"must be in {span}, got {text!r}")
         return value
     return check
+
+
+def seed_value(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if seed_problem(value):
+        raise argparse.ArgumentTypeError(seed_problem(value))
+    return value
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -113,7 +123,7 @@ def build_parser(script: str, default_task: Optional[str] = None) -> argparse.Ar
                        help="clip the gradient norm (0: no clipping)")
     train.add_argument("--dropout", type=number_in(0, 1), default=None,
                        help="GPT-2's dropout rate (default: the checkpoint's, 0.1)")
-    train.add_argument("--seed", type=int, default=defaults.seed,
+    train.add_argument("--seed", type=seed_value, default=defaults.seed,
                        help="seeds the initial weights, the batch order, dropout and sampling")
     train.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:N or auto")
     train.add_argument("--precision", choices=PRECISION_CHOICES, default=defaults.precision, help=PRECISION_HELP)

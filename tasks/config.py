@@ -11,6 +11,15 @@ from models.gpt2 import PRECISION_CHOICES
 from models.methods import MethodConfig
 
 GENERATION_FIELDS = ("temperature", "top_p", "max_new_tokens")  # used by the sonnet task only
+SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.manual_seed and torch.Generator.manual_seed accept
+
+
+def seed_problem(seed) -> Optional[str]:
+    """Why `seed` cannot seed torch's generators, or None: outside SEED_RANGE torch stops with a C-level error."""
+    low, high = SEED_RANGE
+    if isinstance(seed, bool) or not isinstance(seed, int) or not low <= seed <= high:
+        return f"must be an integer from -2**63 to 2**64 - 1 (what torch's random generators accept), got {seed!r}"
+    return None
 
 
 @dataclass
@@ -61,6 +70,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 problems.append(f"{name} must be >= 1 (or unset), got {value}")
+        if seed_problem(self.seed):
+            problems.append(f"seed {seed_problem(self.seed)}")
         if self.lr is not None and not self.lr > 0:
             problems.append(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.warmup_ratio < 1:

@@ -35,6 +35,9 @@ def test_data_errors_surface_as_one_clear_line(tmp_path, task_files):
     ("--precision", "fp16", "argument --precision: invalid choice"),
     ("--method", "prefix", "argument --method: invalid choice"),
     ("--rank", "4", "--rank does not apply to method 'full'"),
+    ("--seed", str(2**64), "argument --seed: must be an integer from -2**63 to 2**64 - 1 (what torch's random "
+                           f"generators accept), got {2**64}"),
+    ("--seed", "1.5", "argument --seed: must be an integer, got '1.5'"),
 ])
 def test_bad_flags_are_argparse_errors_naming_the_flag(capsys, flag, value, message):
     with pytest.raises(SystemExit) as exit:
@@ -65,3 +68,22 @@ def test_command_line_flags():
         method_config_from_args(parser.parse_args(["--method", "loreft", "--lora-targets", "query"]), parser)
     with pytest.raises(ValueError, match="--layers must be comma-separated"):
         method_config_from_args(parser.parse_args(["--method", "lora", "--layers", "first"]))
+
+
+def test_the_seed_range_is_the_one_torchs_generators_accept():
+    """The ends of the range seed torch; one past them is the C-level error that --seed now reports instead."""
+    import torch
+
+    from tasks.config import SEED_RANGE, TrainConfig
+
+    low, high = SEED_RANGE
+    for seed in (low, high):
+        torch.manual_seed(seed)
+        torch.Generator().manual_seed(seed)
+        assert parse_args("sst", ["--seed", str(seed)]).seed == seed
+    for seed in (low - 1, high + 1):
+        with pytest.raises((RuntimeError, ValueError), match="Overflow|out of range|must be within"):
+            torch.Generator().manual_seed(seed)
+        with pytest.raises(ValueError, match=f"seed must be an integer from -2\\*\\*63 to 2\\*\\*64 - 1 .*got {seed}"):
+            TrainConfig("sst", seed=seed)
+    torch.manual_seed(0)
