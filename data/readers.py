@@ -215,6 +215,23 @@ def _warn_skipped(report: ReadReport) -> None:
     )
 
 
+def id_problem(text: str) -> Optional[str]:
+    """Why `text` cannot be an example id, or None. A prediction file line is `<id> , <prediction>`, so an id
+    must be non-empty and hold no comma; the readers refuse such ids (with the line) before any training."""
+    if not text.strip():
+        return "empty id"
+    if "," in text:
+        return f"id {text!r} contains a comma, which the prediction files (`<id> , <prediction>`) cannot hold"
+    return None
+
+
+def _id(values: dict[str, str]) -> str:
+    problem = id_problem(values["id"])
+    if problem:
+        raise _BadRow(problem)
+    return values["id"]
+
+
 def _require(values: dict[str, str], name: str) -> str:
     if not values[name]:
         raise _BadRow(f"empty {name}")
@@ -253,7 +270,7 @@ def read_sentiment(
 
     def make(values: dict[str, str]) -> SentimentExample:
         return SentimentExample(
-            id=_require(values, "id"),
+            id=_id(values),
             text=_require(values, "sentence"),
             label=_label(values, "sentiment", allowed, require_labels),
         )
@@ -270,7 +287,7 @@ def read_paraphrase(
 
     def make(values: dict[str, str]) -> ParaphraseExample:
         return ParaphraseExample(
-            id=_require(values, "id"),
+            id=_id(values),
             sentence1=_require(values, "sentence1"),
             sentence2=_require(values, "sentence2"),
             label=_label(values, "is_duplicate", (0, 1), require_labels),
@@ -385,8 +402,8 @@ def write_predictions(path: PathLike, column_name: str, ids: Iterable[str], pred
         handle.write(f"id \t {column_name} \n")
         for sent_id, prediction in zip(ids, predictions, strict=True):
             sent_id = _plain(sent_id, "id")
-            if "," in sent_id or not sent_id.strip():
-                raise ValueError(f"id {sent_id!r} cannot be written: ids must be non-empty and free of commas")
+            if id_problem(sent_id):
+                raise ValueError(f"{path}: cannot write id {sent_id!r}: ids must be non-empty and free of commas")
             handle.write(f"{sent_id} , {_plain(prediction, 'prediction')} \n")
 
 

@@ -87,3 +87,20 @@ def test_the_seed_range_is_the_one_torchs_generators_accept():
         with pytest.raises(ValueError, match=f"seed must be an integer from -2\\*\\*63 to 2\\*\\*64 - 1 .*got {seed}"):
             TrainConfig("sst", seed=seed)
     torch.manual_seed(0)
+
+
+def test_an_id_the_prediction_files_cannot_hold_is_found_when_the_dev_file_is_read(tmp_path, task_files, monkeypatch):
+    """Not after training, when the predictions are written: the run stops before its first step, at the line."""
+    from tasks.trainer import Trainer
+
+    data_dir = write_data_dir(tmp_path / "data")
+    dev = default_paths("sst", data_dir)["dev"]
+    lines = dev.read_text().splitlines(keepends=True)
+    index, sent_id, rest = lines[2].split("\t", 2)
+    lines[2] = "\t".join([index, sent_id + ",x", rest])
+    dev.write_text("".join(lines))
+    trained = []
+    monkeypatch.setattr(Trainer, "train_epoch", lambda self, epoch: trained.append(epoch))
+    code, _, err = run_script("sentiment", base_args(tmp_path, task_files._replace(data=data_dir)))
+    assert code == 1 and not trained and "Traceback" not in err
+    assert err.startswith(f"error: {dev}:3: id '{sent_id},x' contains a comma")
