@@ -7,6 +7,7 @@ comes first in merges.txt. Words repeat a lot in natural text, so each word's id
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
@@ -121,6 +122,13 @@ class GPT2Tokenizer:
 
     def __len__(self) -> int:
         return len(self._encoder)
+
+    def fingerprint(self) -> str:
+        """A sha256 of the vocabulary and the merges in rank order: tokenizers with the same fingerprint encode
+        every text alike, wherever their files came from (a resume checks that the tokenizer did not change)."""
+        merges = sorted(self._ranks, key=self._ranks.get)
+        content = json.dumps([sorted(self._encoder.items()), merges], ensure_ascii=False)
+        return hashlib.sha256(content.encode("utf-8")).hexdigest()
 
     def __repr__(self) -> str:
         return f"GPT2Tokenizer(vocab_size={self.vocab_size}, merges={len(self._ranks)})"

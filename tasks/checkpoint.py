@@ -3,16 +3,19 @@ lock against two runs at once.
 
 The checkpoint holds what an interrupted run needs to continue exactly where it stopped: the trainable
 tensors, the optimizer and scheduler state, every rank's RNG state, the position in the epoch, the best dev
-metric so far and the log. It is written atomically and read with `weights_only=True` (a checkpoint must not
+metric so far, the log, and fingerprints of the tokenizer and the data it trained on (a resume refuses other
+ones). It is written atomically and read with `weights_only=True` (a checkpoint must not
 be able to run code). The best model itself is saved separately, as an adapter (<run>/best/).
 """
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import os
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -21,6 +24,8 @@ from models.loading import CheckpointError, load_torch_file
 
 CHECKPOINT_FORMAT = "gpt2-peft-training-checkpoint"
 RUN_FILES = ("log.json", "best", "last")
+# What a resume reads from the checkpoint ("fingerprints" is checked when present: older checkpoints lack it).
+CHECKPOINT_KEYS = ("identity", "trainable", "optimizer", "scheduler", "rng", "progress", "best", "history")
 
 
 class ResumeError(ValueError):
@@ -45,7 +50,12 @@ def load_checkpoint(path: Path, identity: dict) -> dict:
         raise ResumeError(str(error)) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ResumeError(f"{path}: not a training checkpoint written by this project")
-    saved = state.get("identity", {})
+    missing = [key for key in CHECKPOINT_KEYS if key not in state]
+    if missing:
+        raise ResumeError(damaged(path, f"it has no {missing[0]!r} entry"))
+    saved = state["identity"]
+    if not isinstance(saved, dict):
+        raise ResumeError(damaged(path, "its 'identity' entry is not a record"))
     different = {key: (saved.get(key), value) for key, value in identity.items() if saved.get(key) != value}
     if different:
         details = "; ".join(f"{key}: checkpoint {old!r}, now {new!r}" for key, (old, new) in sorted(different.items()))
@@ -54,6 +64,41 @@ def load_checkpoint(path: Path, identity: dict) -> dict:
             "with another --output-dir (or --overwrite)"
         )
     return state
+
+
+def damaged(path: Path, problem: str) -> str:
+    return (f"{path}: damaged checkpoint, {problem}; it cannot be resumed (start again with --overwrite, or "
+            "choose another --output-dir)")
+
+
+def record_from(cls: type, raw: Any, path: Path, key: str) -> Any:
+    """The dataclass `cls` from the checkpoint's `key` record, every field required: a record written short would
+    otherwise resume with defaults in place of the lost values."""
+    if not isinstance(raw, dict):
+        raise ResumeError(damaged(path, f"its {key!r} entry is not a record"))
+    names = [f.name for f in dataclasses.fields(cls)]
+    missing = [name for name in names if name not in raw]
+    if missing:
+        raise ResumeError(damaged(path, f"its {key!r} record has no {missing[0]!r}"))
+    return cls(**{name: raw[name] for name in names})
+
+
+def check_fingerprints(path: Path, state: dict, current: dict[str, str], sources: dict[str, str]) -> None:
+    """Refuses to resume when what the run reads differs from what the checkpointed run read: other rows under
+    the same data file name, or another tokenizer. `current` holds this run's fingerprints by name
+    ("tokenizer", "train", "dev"), `sources` says what each is of, for the message."""
+    saved = state.get("fingerprints")
+    if not isinstance(saved, dict):
+        return  # written before checkpoints held fingerprints
+    changed = [name for name, value in current.items() if name in saved and saved[name] != value]
+    if "tokenizer" in changed:  # then the examples' token ids differ too: the tokenizer is the cause
+        changed = ["tokenizer"]
+    if changed:
+        details = "; ".join(f"{sources[name]} (fingerprint {saved[name][:12]} in the checkpoint, {current[name][:12]} "
+                            "now)" for name in changed)
+        raise ResumeError(f"{path}: cannot resume, what this run reads has changed since the checkpoint: {details}. "
+                          "Resume with the data and tokenizer the run started with, or start a new run (--overwrite, "
+                          "or another --output-dir)")
 
 
 def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> bool:

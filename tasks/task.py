@@ -3,7 +3,10 @@ summed loss over a batch; predictions, metrics and prediction files. The loop ne
 and no task branches on the fine-tuning method."""
 from __future__ import annotations
 
+import hashlib
+import sys
 from abc import ABC, abstractmethod
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -28,6 +31,19 @@ class Example:
     @property
     def length(self) -> int:
         return len(self.input_ids)
+
+
+def examples_fingerprint(examples: Sequence[Example]) -> str:
+    """A sha256 of what training reads of each example (id, token ids, label, prompt length), in order: other rows
+    under the same file name, or the same rows tokenised otherwise, give another fingerprint."""
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(repr((example.id, example.label, example.prompt_length, example.length)).encode("utf-8"))
+        tokens = array("q", example.input_ids)
+        if sys.byteorder == "big":  # the same fingerprint on every machine
+            tokens.byteswap()
+        digest.update(tokens.tobytes())
+    return digest.hexdigest()
 
 
 @dataclass

@@ -20,7 +20,7 @@ import resource
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
@@ -48,7 +48,7 @@ from tasks import checkpoint as ckpt
 from tasks.batching import bucketed_batches
 from tasks.config import TrainConfig
 from tasks.distributed import Distributed, setup_distributed, teardown_distributed
-from tasks.task import Example, Task
+from tasks.task import Example, Task, examples_fingerprint
 
 
 class TrainingDiverged(RuntimeError):
@@ -75,11 +75,10 @@ class Progress:
         return Progress(epoch=self.epoch + 1, step=self.step)
 
     @classmethod
-    def from_dict(cls, raw: dict) -> "Progress":
-        raw = dict(raw)
-        if "steps" in raw:  # checkpoints written before this field had its name
-            raw["epoch_steps"] = raw.pop("steps")
-        return cls(**{f.name: raw[f.name] for f in fields(cls)})
+    def from_dict(cls, raw: dict, path: Path = Path("checkpoint")) -> "Progress":
+        if isinstance(raw, dict) and "steps" in raw:  # checkpoints written before this field had its name
+            raw = {("epoch_steps" if key == "steps" else key): value for key, value in raw.items()}
+        return ckpt.record_from(cls, raw, path, "progress")
 
 
 @dataclass
@@ -216,6 +215,9 @@ class Trainer:
         self.tokenizer = GPT2Tokenizer.from_pretrained(tokenizer_source(config))
         self.build_model()
         self.load_data()
+        if resume_state is not None:  # the same settings (checked above), but also the same data and tokenizer?
+            ckpt.check_fingerprints(ckpt.checkpoint_path(self.run_dir), resume_state, self.fingerprints,
+                                    self.fingerprint_sources())
         if restart and self.dist.is_main:  # the new run's inputs are good: only now do the old run's files go
             if config.resume:
                 self.say(f"  {self.run_dir} has no checkpoint yet (the run stopped before its first one): starting "
@@ -277,6 +279,15 @@ class Trainer:
         self.data_notes += data.notes
         self.data_notes += [f"  warning: {count} {name} texts were longer than {max_length} tokens and were truncated"
                             for name, count in data.truncated.items() if count]
+        self.data_paths = data.paths
+        self.fingerprints = {"tokenizer": self.tokenizer.fingerprint(),
+                             **{split: examples_fingerprint(self.splits[split]) for split in ("train", "dev")}}
+
+    def fingerprint_sources(self) -> dict[str, str]:
+        """What each fingerprint is of, in words, for the message of a resume that finds it changed."""
+        return {"tokenizer": f"the tokenizer ({tokenizer_source(self.config)})",
+                "train": f"the training examples ({self.data_paths['train']})",
+                "dev": f"the dev examples ({self.data_paths['dev']})"}
 
     def identity(self) -> dict:
         """Settings a resumed run must share with the checkpoint, or its result would be a different run's."""
@@ -293,6 +304,7 @@ class Trainer:
             return
         ckpt.save_checkpoint(ckpt.checkpoint_path(self.run_dir), {
             "identity": self.identity(),
+            "fingerprints": self.fingerprints,
             "trainable": trained_tensors(self.model),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -303,13 +315,19 @@ class Trainer:
         })
 
     def restore(self, state: dict) -> None:
+        """Continues from `state` (load_checkpoint checked that it has every entry); a damaged entry is a
+        ResumeError naming the checkpoint and the entry."""
         path = ckpt.checkpoint_path(self.run_dir)
+        progress, best = Progress.from_dict(state["progress"], path), ckpt.record_from(Best, state["best"], path, "best")
         ckpt.restore_trainable(self.model, state["trainable"], path)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        rng = state["rng"]
-        ckpt.restore_rng_state(rng[self.dist.rank] if len(rng) == self.dist.world_size else rng[0], self.device)
-        self.progress, self.best = Progress.from_dict(state["progress"]), Best(**state["best"])
+        for key, restore in (("optimizer", self.optimizer.load_state_dict), ("scheduler", self.scheduler.load_state_dict),
+                             ("rng", lambda rng: ckpt.restore_rng_state(
+                                 rng[self.dist.rank] if len(rng) == self.dist.world_size else rng[0], self.device))):
+            try:
+                restore(state[key])
+            except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as error:
+                raise ckpt.ResumeError(ckpt.damaged(path, f"its {key!r} entry does not fit this run ({error!r})")) from None
+        self.progress, self.best = progress, best
         self.history = list(state["history"])
         self.say(f"  resumed from {path}: epoch {self.progress.epoch + 1}, step {self.progress.step}")
 
@@ -317,7 +335,7 @@ class Trainer:
         if not self.dist.is_main:
             return
         log = {"task": self.task.name, "status": self.status, "config": self.config.to_dict(),
-               "parameters": self.summary, "precision": self.precision, "device": str(self.device),
+               "fingerprints": self.fingerprints, "parameters": self.summary, "precision": self.precision, "device": str(self.device),
                "world_size": self.dist.world_size, "best_epoch": self.best.epoch,
                "best_dev_metric": self.best.metric, "metric": self.task.metric, "epochs": self.history}
         if final is not None:

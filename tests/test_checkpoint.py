@@ -5,15 +5,19 @@ run that fails says so in its log."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from data.readers import default_paths
 
 from tasks import trainer
 from tasks.checkpoint import RunLock, checkpoint_path
-from tests.fixtures.task_files import base_args, run_script
+from tests.fixtures.task_files import base_args, run_script, write_data_dir
 
 pytestmark = [pytest.mark.filterwarnings("ignore:GPT2Model. random weights"), pytest.mark.usefixtures("one_thread")]
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,3 +119,86 @@ def test_an_unwritable_output_location_stops_the_run_before_training(tmp_path, t
     monkeypatch.setattr(trainer.Trainer, "train_epoch", lambda self, epoch: trained.append(epoch))
     code, _, err = run_script("sentiment", quick_args(tmp_path, task_files, predictions_dir=blocker / "predictions"))
     assert code == 1 and f"cannot write in {blocker / 'predictions'}: Not a directory" in err and not trained
+
+
+# ----------------------------------------------------------------------------------------------- what a resume checks
+def edit_field(path: Path, line: int, column: int, edit) -> None:
+    """Replaces field `column` of line `line` (1-based) of a tab-separated file by edit(field)."""
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    fields = lines[line - 1].rstrip("\n").split("\t")
+    fields[column] = edit(fields[column])
+    lines[line - 1] = "\t".join(fields) + "\n"
+    path.write_text("".join(lines), encoding="utf-8")
+
+
+@pytest.mark.slow  # a run, then resumes
+def test_a_resume_with_other_rows_under_the_same_file_names_is_refused(tmp_path, task_files):
+    data = write_data_dir(tmp_path / "data")
+    args = quick_args(tmp_path, task_files._replace(data=data)) + ["--resume"]
+    assert run_script("sentiment", args[:-1])[0] == 0
+    log = json.loads((tmp_path / "run" / "log.json").read_text())
+    assert set(log["fingerprints"]) == {"tokenizer", "train", "dev"}
+    code, out, err = run_script("sentiment", args)  # nothing changed: a finished run just predicts again
+    assert code == 0 and "already finished" in out, err
+
+    paths = default_paths("sst", data)
+    original = paths["train"].read_text(encoding="utf-8")
+    edit_field(paths["train"], 3, 2, lambda sentence: "quite " + sentence)  # one training sentence changed
+    code, _, err = run_script("sentiment", args)
+    assert code == 1 and "Traceback" not in err
+    assert err.startswith(f"error: {checkpoint_path(tmp_path / 'run')}: cannot resume, what this run reads has "
+                          f"changed since the checkpoint: the training examples ({paths['train']}) (fingerprint ")
+    assert "dev examples" not in err and "tokenizer" not in err.split("Resume with")[0]
+    paths["train"].write_text(original, encoding="utf-8")
+    edit_field(paths["dev"], 2, 3, lambda label: "2" if label.strip() == "1" else "1")  # one dev label changed
+    code, _, err = run_script("sentiment", args)
+    assert code == 1 and f"the dev examples ({paths['dev']})" in err and "training examples" not in err
+
+
+def test_a_resume_with_another_tokenizer_is_refused_and_a_copy_of_the_same_one_is_not(tmp_path, task_files):
+    args = quick_args(tmp_path, task_files) + ["--resume"]
+    assert run_script("sentiment", args[:-1])[0] == 0
+    same, other = tmp_path / "same-tokenizer", tmp_path / "other-tokenizer"
+    for copy in (same, other):
+        copy.mkdir()
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copy(Path(task_files.tokenizer) / name, copy / name)
+    merges = (other / "merges.txt").read_text(encoding="utf-8").splitlines(keepends=True)
+    (other / "merges.txt").write_text("".join(merges[:-1]), encoding="utf-8")  # one merge fewer
+    code, out, err = run_script("sentiment", args + ["--tokenizer", str(same)])
+    assert code == 0 and "already finished" in out, err
+    code, _, err = run_script("sentiment", args + ["--tokenizer", str(other)])
+    assert code == 1 and "Traceback" not in err
+    assert f"has changed since the checkpoint: the tokenizer ({other}) (fingerprint " in err
+    assert "training examples" not in err  # re-tokenised examples follow from the tokenizer: it alone is named
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda state: state.pop("optimizer"), "it has no 'optimizer' entry"),
+    (lambda state: state["progress"].pop("epoch"), "its 'progress' record has no 'epoch'"),
+    (lambda state: state["best"].pop("metric"), "its 'best' record has no 'metric'"),
+    (lambda state: state.update(rng=[]), "its 'rng' entry does not fit this run"),
+    (lambda state: state.update(optimizer={"state": {}}), "its 'optimizer' entry does not fit this run"),
+], ids=["no-optimizer", "no-progress-epoch", "no-best-metric", "empty-rng", "bad-optimizer"])
+def test_a_checkpoint_with_an_entry_missing_is_one_line_naming_the_file_and_the_entry(tmp_path, task_files, monkeypatch,
+                                                                                      damage, message):
+    """A checkpoint written after the first of two steps, damaged, then resumed."""
+    args = quick_args(tmp_path, task_files, save_every_steps=1)
+    real_step, steps = trainer.Trainer.train_step, []
+
+    def stop_before_the_second_step(self, group, train):
+        steps.append(1)
+        if len(steps) == 2:
+            raise KeyboardInterrupt
+        return real_step(self, group, train)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer.Trainer, "train_step", stop_before_the_second_step)
+        assert run_script("sentiment", args)[0] == 130
+    path = checkpoint_path(tmp_path / "run")
+    state = torch.load(path, weights_only=True)
+    damage(state)
+    torch.save(state, path)
+    code, _, err = run_script("sentiment", args + ["--resume"])
+    assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"error: {path}: damaged checkpoint, {message}")
