@@ -556,7 +556,10 @@ class Trainer:
             except Exception as error:
                 if self.status == "running":  # the log must not go on saying so (diverged runs say that)
                     self.status = "failed"
-                    self.write_log(final={"error": f"{type(error).__name__}: {error}"})
+                    try:
+                        self.write_log(final={"error": f"{type(error).__name__}: {error}"})
+                    except OSError:
+                        pass  # a full disk may refuse the log too: the error to report is the first one
                 raise
             return self.finish(already_finished)
         finally:

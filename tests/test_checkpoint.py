@@ -202,3 +202,64 @@ def test_a_checkpoint_with_an_entry_missing_is_one_line_naming_the_file_and_the_
     code, _, err = run_script("sentiment", args + ["--resume"])
     assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert err.startswith(f"error: {path}: damaged checkpoint, {message}")
+
+
+@pytest.mark.slow  # two epochs
+@pytest.mark.parametrize("target", ["checkpoint", "best adapter", "checkpoint and log"])
+def test_a_full_disk_names_the_file_and_keeps_the_previous_one(tmp_path, task_files, monkeypatch, target):
+    """The second write of the checkpoint or of the best adapter (epoch 2) writes half its bytes, then the disk is
+    full. The error names the file; epoch 1's file is still there, whole; no temporary file is left; the log says
+    failed, unless the disk refuses the log as well, in which case the error reported is still the first one."""
+    import safetensors.torch
+
+    import tasks
+    from models.loading import load_torch_file
+
+    task = tasks.get_task("sst")
+    real_metrics, evaluations = task.metrics, []
+
+    def better_each_epoch(examples, predictions):  # so that epoch 2's model is saved as the best
+        evaluations.append(1)
+        return {**real_metrics(examples, predictions), "accuracy": len(evaluations) / 10}
+
+    monkeypatch.setattr(task, "metrics", better_each_epoch)
+    monkeypatch.setattr(tasks, "get_task", lambda name: task)
+    module, name = (safetensors.torch, "save_file") if target == "best adapter" else (torch, "save")
+    real_save, writes, full = getattr(module, name), [], []
+
+    def half_then_full(obj, path, *args, **kwargs):
+        writes.append(path)
+        if len(writes) < 2:
+            return real_save(obj, path, *args, **kwargs)
+        Path(path).write_bytes(b"half a file")
+        full.append(path)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(module, name, half_then_full)
+    if target == "checkpoint and log":
+        real_atomic_save = trainer.atomic_save
+
+        def log_refused_once_full(write, path):
+            if full:
+                raise OSError(28, f"cannot write {path}: No space left on device")
+            return real_atomic_save(write, path)
+
+        monkeypatch.setattr(trainer, "atomic_save", log_refused_once_full)
+    code, _, err = run_script("sentiment", quick_args(tmp_path, task_files, epochs=2))
+    run = tmp_path / "run"
+    path = run / "best" / "adapter.safetensors" if target == "best adapter" else checkpoint_path(run)
+    assert code == 1 and "Traceback" not in err
+    assert err.strip() == f"error: [Errno 28] cannot write {path}: No space left on device"
+    monkeypatch.undo()
+    checkpoint = load_torch_file(checkpoint_path(run))
+    assert checkpoint["progress"]["epoch"] == 1  # epoch 1's checkpoint, whole
+    if target == "best adapter":
+        best = safetensors.torch.load_file(path)
+        assert best.keys() == checkpoint["trainable"].keys()
+        assert all(torch.equal(best[key], checkpoint["trainable"][key]) for key in best)  # epoch 1's model
+    assert not list(run.rglob("*.tmp"))
+    status = json.loads((run / "log.json").read_text())
+    if target == "checkpoint and log":
+        assert status["status"] == "running" and len(status["epochs"]) == 2  # the last log that could be written
+    else:
+        assert status["status"] == "failed" and str(path) in status["final"]["error"]
