@@ -13,6 +13,7 @@ parts and the task head).
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Optional
 
@@ -25,6 +26,8 @@ from models.methods import MethodConfig, registered_methods
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
 ADAPTER_FORMAT = "gpt2-peft-adapter"
+BASE_FIELDS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")  # the base shape an adapter records
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------- applying
@@ -95,9 +98,7 @@ def find_gpt2(model: nn.Module) -> GPT2Model:
 
 
 def base_shape(gpt: GPT2Model) -> dict:
-    c = gpt.config
-    return {"vocab_size": c.vocab_size, "n_positions": c.n_positions, "n_embd": c.n_embd, "n_layer": c.n_layer,
-            "n_head": c.n_head}
+    return {name: getattr(gpt.config, name) for name in BASE_FIELDS}
 
 
 def trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -113,7 +114,7 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
 
     directory = Path(directory)
     gpt = find_gpt2(model)
-    tensors = trained_tensors(model)
+    tensors = {**adapter_parts(model, gpt), **trained_tensors(model)}
     atomic_save(lambda temp: save_file(tensors, temp, metadata={"format": ADAPTER_FORMAT}), directory / ADAPTER_WEIGHTS)
     config = {
         "format": ADAPTER_FORMAT,
@@ -145,23 +146,104 @@ def read_adapter_config(directory: Path) -> dict:
     return config
 
 
-def load_adapter(model: nn.Module, directory: str | Path, name: Optional[str] = None) -> nn.Module:
+def check_adapter_config(config: dict, directory: Path) -> list[MethodConfig]:
+    """The methods of an adapter config, once its layout is checked: `methods` a non-empty list of method objects,
+    `base` an object with the base shape's fields as positive integers, `tensors` (when there) a count. A problem
+    is one ValueError naming the config file."""
+    where = Path(directory) / ADAPTER_CONFIG
+    methods, base = config.get("methods"), config.get("base")
+    if not isinstance(methods, list) or not methods:
+        raise ValueError(f"{where}: 'methods' must be a non-empty list of the applied methods, got {methods!r:.80}")
+    if not isinstance(base, dict):
+        raise ValueError(f"{where}: 'base' must be an object with the base model's shape ({', '.join(BASE_FIELDS)}), "
+                         f"got {base!r:.80}")
+    for field in BASE_FIELDS:
+        value = base.get(field)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{where}: base.{field} must be a positive integer, got {value!r}")
+    count = config.get("tensors", 0)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"{where}: 'tensors' must be the number of tensors in {ADAPTER_WEIGHTS}, got {count!r}")
+    parsed = []
+    for index, raw in enumerate(methods):
+        try:
+            parsed.append(MethodConfig.from_dict(raw))
+        except ValueError as error:
+            raise ValueError(f"{where}: methods[{index}]: {error}") from None
+    return parsed
+
+
+def check_against_applied(methods: list[MethodConfig], applied: list[MethodConfig], tensors: dict,
+                          model: nn.Module) -> None:
+    """An adapter whose tensors are named like those of a method already on the model, of the same name, but shaped
+    otherwise (LoReFT rank 4 onto a model with a rank-8 LoReFT 'default'): say which options differ, rather than
+    that the name is taken. (Differently named tensors are another adapter, which needs another name.)"""
+    params = dict(model.named_parameters())
+    if not tensors or not set(tensors) <= set(params) or all(params[k].shape == t.shape for k, t in tensors.items()):
+        return
+    for method in methods:
+        same = [a for a in applied if a.method == method.method and a != method and
+                (not method.spec.stacks or a.name == method.name)]
+        if same:
+            other, called = same[0], f" {method.name!r}" if method.spec.stacks else ""
+            options = ", ".join(f"{key} {value!r} in the adapter, {other.options[key]!r} on this model"
+                                for key, value in method.options.items() if other.options.get(key) != value)
+            raise ValueError(f"the adapter's {method.method}{called} does not fit the {method.method}{called} this model "
+                             f"already has ({options}): its tensors have other shapes; load it onto a freshly loaded "
+                             "base model")
+
+
+def check_complete(tensors: dict, expected: set[str], config: dict, model: nn.Module, directory: Path) -> None:
+    """Refuses an adapter file that lacks a tensor, which would otherwise keep its fresh initial value (silently
+    different outputs): every part of the adapter's methods (`expected`), and as many tensors as its config says
+    were saved (which covers a task head)."""
+    weights = Path(directory) / ADAPTER_WEIGHTS
+    missing = sorted(expected - set(tensors))
+    if missing:
+        raise ValueError(f"{weights}: lacks {len(missing)} tensor(s) of its methods: {', '.join(missing[:8])}; the "
+                         "file is damaged or was written by another program")
+    recorded = config.get("tensors")
+    if recorded is not None and recorded != len(tensors):
+        prefix = gpt_prefix(model, find_gpt2(model))  # the parameters outside GPT-2 (a task head) are the suspects
+        likely = sorted(key for key, _ in model.named_parameters()
+                        if prefix and not key.startswith(prefix) and key not in tensors)
+        raise ValueError(f"{weights}: holds {len(tensors)} tensors, but {ADAPTER_CONFIG} says {recorded} were saved"
+                         + (f" (perhaps missing: {', '.join(likely[:8])})" if likely else ""))
+
+
+def load_adapter(model: nn.Module, directory: str | Path, name: Optional[str] = None,
+                 trainable: bool = False) -> nn.Module:
     """Loads an adapter saved by save_adapter into `model` (built on a freshly loaded base of the same
     shape): applies the recorded methods unless already applied, then copies every saved tensor.
     `name` renames a stacking (ReFT-family) adapter, so that two adapters saved under one name can be combined.
-    Every check runs before the model changes, so a file that does not fit leaves the model as it was."""
+    Every check runs before the model changes, so a file that does not fit leaves the model as it was; every
+    error names the adapter directory.
+
+    What trains afterwards: the loaded tensors are frozen, or trainable with `trainable=True` (to train the
+    adapter further); every other parameter keeps the trainability it had, so loading a second ReFT adapter
+    leaves the first as it was. On a fresh base, the method freezes GPT-2's own weights as apply_method does. The
+    `models.peft` logger says at INFO what was loaded and what is trainable now."""
+    directory = Path(directory)
+    try:
+        return load_adapter_files(model, directory, name, trainable)
+    except ValueError as error:
+        if str(directory) in str(error):
+            raise
+        raise ValueError(f"{directory}: {error}") from None
+
+
+def load_adapter_files(model: nn.Module, directory: Path, name: Optional[str], trainable: bool) -> nn.Module:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    directory = Path(directory)
     config = read_adapter_config(directory)
+    methods = check_adapter_config(config, directory)
     gpt = find_gpt2(model)
     saved_shape, shape = config["base"], base_shape(gpt)
     different = {k: (v, shape.get(k)) for k, v in saved_shape.items() if shape.get(k) != v}
     if different:
         details = ", ".join(f"{k} {saved} vs {ours}" for k, (saved, ours) in different.items())
         raise ValueError(f"{directory}: adapter was trained on a base model of another shape (adapter vs this model: {details})")
-    methods = [MethodConfig.from_dict(m) for m in config["methods"]]
     try:
         tensors = load_file(directory / ADAPTER_WEIGHTS)
     except (SafetensorError, OSError) as error:
@@ -174,9 +256,12 @@ def load_adapter(model: nn.Module, directory: str | Path, name: Optional[str] = 
         tensors = {keys.get(key, key): tensor for key, tensor in tensors.items()}
         methods = [renamed]
     applied = applied_methods(gpt)
+    check_against_applied(methods, applied, tensors, model)
     missing = [m for m in methods if m not in applied]
-    shapes = skeleton_shapes(model, gpt, applied + missing) if missing else \
-        {key: p.shape for key, p in model.named_parameters()}
+    if missing:
+        shapes, expected = skeleton_parameters(model, gpt, applied + missing, wanted=methods)
+    else:  # the methods are there already: check against the model itself (and the tensor count)
+        shapes, expected = {key: p.shape for key, p in model.named_parameters()}, set()
     unknown = sorted(k for k in tensors if k not in shapes)
     wrong = sorted(k for k in tensors if k in shapes and shapes[k] != tensors[k].shape)
     if unknown or wrong:
@@ -185,28 +270,63 @@ def load_adapter(model: nn.Module, directory: str | Path, name: Optional[str] = 
             + (f"; tensors the model does not have: {', '.join(unknown[:8])}" if unknown else "")
             + (f"; tensors of another shape: {', '.join(wrong[:8])}" if wrong else "")
         )
+    check_complete(tensors, expected, config, model, directory)
+    flags = {param: param.requires_grad for param in model.parameters()}
     for method in missing:
         apply_method(gpt, method)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for key, tensor in tensors.items():
             params[key].copy_(tensor)
+    if applied:  # apply_method froze all of GPT-2, earlier adapters included: they keep what they had
+        for param, flag in flags.items():
+            param.requires_grad_(flag)
+    for key in tensors:
+        params[key].requires_grad_(trainable)
+    log.info("%s: loaded %d tensors of %s, %s; %s", directory, len(tensors), ", ".join(m.method for m in methods),
+             "trainable" if trainable else "frozen (load_adapter(..., trainable=True) to train them)",
+             format_parameter_summary(model))
     return model
+
+
+def adapter_parts(model: nn.Module, gpt: GPT2Model) -> dict[str, torch.Tensor]:
+    """The tensors of every method applied to `gpt`, trainable or not (a loaded, frozen adapter is still part of the
+    model): what save_adapter writes besides the trainable tensors."""
+    applied = applied_methods(gpt)
+    if not applied:
+        return {}
+    _, parts = skeleton_parameters(model, gpt, applied, wanted=applied)
+    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if name in parts}
 
 
 def skeleton_shapes(model: nn.Module, gpt: GPT2Model, methods: list[MethodConfig]) -> dict[str, torch.Size]:
     """The parameter names and shapes, in order, that `model` would have if its `gpt` were a fresh base with
     `methods` applied, found on a skeleton of the same shape on the meta device (no memory, no change to the
     model)."""
+    return skeleton_parameters(model, gpt, methods)[0]
+
+
+def skeleton_parameters(model: nn.Module, gpt: GPT2Model, methods: list[MethodConfig],
+                        wanted: Optional[list[MethodConfig]] = None) -> tuple[dict[str, torch.Size], set[str]]:
+    """skeleton_shapes, and the names of the parameters that the `wanted` methods among them train (what each makes
+    trainable as it is applied, on the meta skeleton): the parts an adapter of those methods holds."""
     with torch.device("meta"):
         skeleton = GPT2Model(gpt.config)
+    prefix = gpt_prefix(model, gpt)
+    parts = set()
     for method in methods:
         apply_method(skeleton, method)
-    prefix = next(name for name, module in model.named_modules() if module is gpt)
-    prefix = prefix + "." if prefix else ""
+        if wanted is not None and method in wanted:
+            parts |= {prefix + name for name, p in skeleton.named_parameters() if p.requires_grad}
     shapes = {name: p.shape for name, p in model.named_parameters() if not name.startswith(prefix)} if prefix else {}
     shapes.update({prefix + name: p.shape for name, p in skeleton.named_parameters()})
-    return shapes
+    return shapes, parts
+
+
+def gpt_prefix(model: nn.Module, gpt: GPT2Model) -> str:
+    """'gpt.' when `model` holds `gpt` as its attribute gpt, '' when it is `gpt`."""
+    prefix = next(name for name, module in model.named_modules() if module is gpt)
+    return prefix + "." if prefix else ""
 
 
 def renamed_keys(model: nn.Module, gpt: GPT2Model, method: MethodConfig, renamed: MethodConfig) -> dict[str, str]:

@@ -303,3 +303,143 @@ def test_loading_onto_a_model_that_has_the_methods_builds_no_skeleton(tmp_path, 
     load_adapter(target, tmp_path / "adapter")
     ids = torch.randint(0, 1000, (2, 6))
     assert torch.equal(target(ids)["last_hidden_state"], model(ids)["last_hidden_state"])
+
+
+# ----------------------------------------------------------------------------- adapter files that do not fit
+def drop_tensor(directory, key):
+    tensors = load_file(directory / ADAPTER_WEIGHTS)
+    del tensors[key]
+    save_file(tensors, directory / ADAPTER_WEIGHTS, metadata={"format": "gpt2-peft-adapter"})
+
+
+def edit_config(directory, edit):
+    config = json.loads((directory / ADAPTER_CONFIG).read_text())
+    edit(config)
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("recount", [False, True], ids=["config-untouched", "config-recounted"])
+def test_an_adapter_file_with_a_tensor_missing_is_refused_naming_it(tmp_path, recount):
+    """Loading it would leave that parameter at its fresh value: silently other outputs. Refused even when the
+    config's tensor count was edited to match, because the methods say which tensors they have."""
+    directory = save_adapter(TinyClassifier(fresh(ADAPTING["loreft"])), tmp_path / "loreft")
+    key = "gpt.h.1.interventions.ffn.default.interventions.0.rotate"
+    assert key in load_file(directory / ADAPTER_WEIGHTS)
+    drop_tensor(directory, key)
+    if recount:
+        edit_config(directory, lambda config: config.update(tensors=config["tensors"] - 1))
+    model = TinyClassifier(fresh())
+    before = model_state(model)
+    with pytest.raises(ValueError, match=rf"^{directory / ADAPTER_WEIGHTS}: lacks 1 tensor\(s\) of its methods: {key};"):
+        load_adapter(model, directory)
+    assert same_state(model_state(model), before)
+
+
+def test_an_adapter_file_without_its_task_head_is_refused_by_the_count(tmp_path):
+    directory = save_adapter(TinyClassifier(fresh(ADAPTING["lora"])), tmp_path / "lora")
+    drop_tensor(directory, "head.weight")
+    with pytest.raises(ValueError, match=rf"^{directory / ADAPTER_WEIGHTS}: holds \d+ tensors, but {ADAPTER_CONFIG} "
+                                         r"says \d+ were saved \(perhaps missing: head\.weight\)"):
+        load_adapter(TinyClassifier(fresh()), directory)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.pop("base"), r"'base' must be an object with the base model's shape \(vocab_size, n_positions, "
+                              r"n_embd, n_layer, n_head\), got None"),
+    (lambda c: c.pop("methods"), "'methods' must be a non-empty list of the applied methods, got None"),
+    (lambda c: c.update(methods="loreft"), "'methods' must be a non-empty list of the applied methods, got 'loreft'"),
+    (lambda c: c.update(methods=[]), "'methods' must be a non-empty list"),
+    (lambda c: c["base"].pop("n_head"), "base.n_head must be a positive integer, got None"),
+    (lambda c: c["base"].update(n_embd="64"), "base.n_embd must be a positive integer, got '64'"),
+    (lambda c: c.update(tensors="many"), "'tensors' must be the number of tensors in adapter.safetensors, got 'many'"),
+    (lambda c: c["methods"][0].update(method="prefix-tuning"), "methods\\[0\\]: unknown method 'prefix-tuning'"),
+    (lambda c: c["methods"][0].update(rank="four"), "methods\\[0\\]: rank must be >= 1, got 'four'"),
+    (lambda c: c.update(methods=["loreft"]), "methods\\[0\\]: a method configuration must be a JSON object"),
+])
+def test_adapter_config_errors_are_one_clear_error_naming_the_config(tmp_path, edit, message):
+    directory = save_adapter(TinyClassifier(fresh(ADAPTING["loreft"])), tmp_path / "loreft")
+    edit_config(directory, edit)
+    model = TinyClassifier(fresh())
+    before = model_state(model)
+    with pytest.raises(ValueError, match=f"^{directory / ADAPTER_CONFIG}: {message}"):
+        load_adapter(model, directory)
+    assert same_state(model_state(model), before)
+
+
+def test_every_adapter_load_error_names_the_adapter_directory(tmp_path):
+    directory = save_adapter(TinyClassifier(fresh(ADAPTING["loreft"])), tmp_path / "loreft")
+    with_lora = TinyClassifier(fresh(ADAPTING["lora"]))
+    with pytest.raises(ValueError, match=f"^{directory}: this model already has lora applied"):
+        load_adapter(with_lora, directory)
+    lora = save_adapter(TinyClassifier(fresh(ADAPTING["lora"])), tmp_path / "lora")
+    with pytest.raises(ValueError, match=f"^{lora}: only a single stacking"):
+        load_adapter(TinyClassifier(fresh()), lora, name="other")
+    both = TinyClassifier(fresh())
+    load_adapter(both, directory)
+    layer_0 = save_adapter(TinyClassifier(fresh(MethodConfig("loreft", layers=[0]))), tmp_path / "layer-0")
+    with pytest.raises(ValueError, match=f"^{layer_0}: an adapter named 'default' is already applied"):
+        load_adapter(both, layer_0, name="default")
+
+
+@pytest.mark.parametrize("method", ["loreft", "lora"])
+def test_an_adapter_of_another_rank_onto_the_same_adapter_blames_the_rank(tmp_path, method):
+    directory = save_adapter(fresh(MethodConfig(method, rank=4)), tmp_path / "rank-4")
+    model = fresh(MethodConfig(method, rank=8))
+    with pytest.raises(ValueError) as error:
+        load_adapter(model, directory)
+    called = " 'default'" if method == "loreft" else ""
+    assert str(error.value) == (f"{directory}: the adapter's {method}{called} does not fit the {method}{called} this "
+                                "model already has (rank 4 in the adapter, 8 on this model" +
+                                (", alpha 4.0 in the adapter, 8.0 on this model" if method == "loreft" else "") +
+                                "): its tensors have other shapes; load it onto a freshly loaded base model")
+
+
+def trainable_names(model):
+    return {name for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_what_trains_after_a_load_the_loaded_tensors_frozen_unless_asked_and_the_rest_as_it_was(tmp_path, caplog):
+    first = TinyClassifier(fresh(MethodConfig("loreft", layers=[1], positions="l1")))
+    perturb_trainable(first, seed=1, scale=0.3)
+    save_adapter(first, tmp_path / "first")
+    second = fresh(MethodConfig("loreft", layers=[0], positions="f1", components=("attention",)))
+    perturb_trainable(second, seed=2, scale=0.3)
+    save_adapter(second, tmp_path / "second")
+
+    model = TinyClassifier(fresh())
+    with caplog.at_level("INFO", logger="models.peft"):
+        load_adapter(model, tmp_path / "first")
+    assert trainable_names(model) == set()  # base frozen by the method; the loaded parts and head frozen
+    assert f"{tmp_path / 'first'}: loaded 5 tensors of loreft, frozen (load_adapter(..., trainable=True) to train " \
+           "them); trainable params: 0" in caplog.text
+
+    model = TinyClassifier(fresh())
+    load_adapter(model, tmp_path / "first", trainable=True)
+    first_parts = trainable_names(model)
+    assert first_parts == {n for n, _ in model.named_parameters() if ".ffn.default." in n or n.startswith("head.")}
+    assert len(first_parts) == 5
+    load_adapter(model.gpt, tmp_path / "second", name="second")  # this used to freeze the first adapter
+    assert trainable_names(model) == first_parts
+    third = TinyClassifier(fresh())
+    load_adapter(third, tmp_path / "first")
+    load_adapter(third.gpt, tmp_path / "second", name="second", trainable=True)
+    assert trainable_names(third) == {n for n, _ in third.named_parameters() if ".attention.second." in n}
+
+
+def test_a_model_with_two_frozen_adapters_saves_and_reloads_both(tmp_path):
+    """save_adapter writes every applied method's tensors, trainable or not, so loaded (frozen) adapters are kept."""
+    for name, config, seed in (("first", MethodConfig("loreft", layers=[1], positions="l1"), 1),
+                               ("second", MethodConfig("loreft", layers=[0], positions="f1"), 2)):
+        model = fresh(config)
+        perturb_trainable(model, seed=seed, scale=0.3)
+        save_adapter(model, tmp_path / name)
+    both = fresh()
+    load_adapter(both, tmp_path / "first")
+    load_adapter(both, tmp_path / "second", name="second")
+    assert trainable_names(both) == set()
+    save_adapter(both, tmp_path / "both")
+    again = fresh()
+    load_adapter(again, tmp_path / "both")
+    ids, _ = right_padded([6, 6])
+    with torch.no_grad():
+        assert torch.equal(again(ids)["last_hidden_state"], both(ids)["last_hidden_state"])
