@@ -476,7 +476,7 @@ class Trainer:
         best_dir = self.run_dir / "best"
         self.dist.barrier()
         if (best_dir / ADAPTER_CONFIG).is_file():
-            load_adapter(self.model, best_dir)
+            load_adapter(self.model, best_dir, trainable=True)  # what trained stays trainable
         return best_dir
 
     def final_predictions(self, split: str) -> tuple[list, float]:
