@@ -319,16 +319,22 @@ class Trainer:
         ResumeError naming the checkpoint and the entry."""
         path = ckpt.checkpoint_path(self.run_dir)
         progress, best = Progress.from_dict(state["progress"], path), ckpt.record_from(Best, state["best"], path, "best")
-        ckpt.restore_trainable(self.model, state["trainable"], path)
-        for key, restore in (("optimizer", self.optimizer.load_state_dict), ("scheduler", self.scheduler.load_state_dict),
-                             ("rng", lambda rng: ckpt.restore_rng_state(
-                                 rng[self.dist.rank] if len(rng) == self.dist.world_size else rng[0], self.device))):
+        if not isinstance(state["history"], list):
+            raise ckpt.ResumeError(ckpt.damaged(path, "its 'history' entry is not a list"))
+
+        def restore_rng(rng: list) -> None:
+            ckpt.restore_rng_state(rng[self.dist.rank] if len(rng) == self.dist.world_size else rng[0], self.device)
+
+        for key, restore in (("trainable", lambda tensors: ckpt.restore_trainable(self.model, tensors, path)),
+                             ("optimizer", self.optimizer.load_state_dict),
+                             ("scheduler", self.scheduler.load_state_dict), ("rng", restore_rng)):
             try:
                 restore(state[key])
+            except ckpt.ResumeError:
+                raise
             except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as error:
                 raise ckpt.ResumeError(ckpt.damaged(path, f"its {key!r} entry does not fit this run ({error!r})")) from None
-        self.progress, self.best = progress, best
-        self.history = list(state["history"])
+        self.progress, self.best, self.history = progress, best, list(state["history"])
         self.say(f"  resumed from {path}: epoch {self.progress.epoch + 1}, step {self.progress.step}")
 
     def write_log(self, final: Optional[dict] = None) -> None:

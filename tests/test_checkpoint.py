@@ -179,7 +179,10 @@ def test_a_resume_with_another_tokenizer_is_refused_and_a_copy_of_the_same_one_i
     (lambda state: state["best"].pop("metric"), "its 'best' record has no 'metric'"),
     (lambda state: state.update(rng=[]), "its 'rng' entry does not fit this run"),
     (lambda state: state.update(optimizer={"state": {}}), "its 'optimizer' entry does not fit this run"),
-], ids=["no-optimizer", "no-progress-epoch", "no-best-metric", "empty-rng", "bad-optimizer"])
+    (lambda state: state.update(trainable=None), "its 'trainable' entry does not fit this run"),
+    (lambda state: state.update(history=None), "its 'history' entry is not a list"),
+], ids=["no-optimizer", "no-progress-epoch", "no-best-metric", "empty-rng", "bad-optimizer", "bad-trainable",
+        "bad-history"])
 def test_a_checkpoint_with_an_entry_missing_is_one_line_naming_the_file_and_the_entry(tmp_path, task_files, monkeypatch,
                                                                                       damage, message):
     """A checkpoint written after the first of two steps, damaged, then resumed."""
