@@ -86,7 +86,7 @@ def record_from(cls: type, raw: Any, path: Path, key: str) -> Any:
 def check_fingerprints(path: Path, state: dict, current: dict[str, str], sources: dict[str, str]) -> None:
     """Refuses to resume when what the run reads differs from what the checkpointed run read: other rows under
     the same data file name, or another tokenizer. `current` holds this run's fingerprints by name
-    ("tokenizer", "train", "dev"), `sources` says what each is of, for the message."""
+    ("tokenizer", "train"), `sources` says what each is of, for the message."""
     saved = state.get("fingerprints")
     if not isinstance(saved, dict):
         return  # written before checkpoints held fingerprints
