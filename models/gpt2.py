@@ -58,6 +58,10 @@ class GPT2Model(nn.Module):
         self.h = nn.ModuleList(GPT2Layer(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.precision = "fp32"
+        # Optional store of the frozen layers' outputs (tasks/feature_cache.py attaches one for a training run):
+        # asked by `forward` for the hidden states entering the first trainable layer, by `last_token` for the
+        # final features when nothing in GPT-2 trains.
+        self.frozen_cache = None
         self.apply(self._init_weights)
         # GPT-2's scaled init: each residual branch's output projection shrinks with depth, so the
         # residual stream's variance does not grow with the number of layers.
@@ -77,11 +81,53 @@ class GPT2Model(nn.Module):
         # The residual stream is kept in fp32 even when the embedding table is stored in bf16.
         return self.drop(self.wte(input_ids).float() + self.wpe(positions).float())
 
-    def encode(self, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """Runs the layers and the final LayerNorm."""
-        for layer in self.h:
+    def encode(self, hidden: torch.Tensor, ctx: ForwardContext, start: int = 0) -> torch.Tensor:
+        """Runs layers `start`.. and the final LayerNorm on the hidden states entering layer `start` (n_layer: the
+        final LayerNorm only; n_layer + 1: nothing, the hidden states are final)."""
+        for layer in self.h[start:]:
             hidden = layer(hidden, ctx)
-        return self.ln_f(hidden)
+        return self.ln_f(hidden) if start <= self.config.n_layer else hidden
+
+    def hidden_states_entering(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                               prompt_mask: Optional[torch.Tensor], stop: int) -> torch.Tensor:
+        """(B, T, d): the hidden states entering layer `stop`, the embeddings through layers 0..stop-1 (stop =
+        n_layer + 1: through the final LayerNorm too); what a cache of the frozen layers stores (`frozen_cache`)."""
+        ctx = self.make_context(input_ids, attention_mask, None, prompt_mask)
+        with self.autocast():
+            hidden = self.embed(input_ids, self._positions(input_ids, ctx))
+            for layer in self.h[:stop]:
+                hidden = layer(hidden, ctx)
+            return self.ln_f(hidden) if stop > self.config.n_layer else hidden
+
+    def frozen_boundary(self) -> int:
+        """Where the part of the model no trainable parameter can influence ends: the index of the first layer that
+        holds a trainable parameter (0 when the embeddings, or a parameter outside the layers, train: nothing
+        below it), n_layer when only the final LayerNorm trains, n_layer + 1 when nothing trains. The hidden states
+        entering that layer are the same in every epoch (with dropout off below it): `frozen_cache` may store them."""
+        n_layer, boundary = self.config.n_layer, self.config.n_layer + 1
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            parts = name.split(".")
+            if parts[0] == "h":
+                boundary = min(boundary, int(parts[1]))
+            elif parts[0] == "ln_f":
+                boundary = min(boundary, n_layer)
+            else:
+                return 0  # the embeddings, or what a method added around the layers (virtual tokens, prefixes)
+        return boundary
+
+    def set_dropout_below(self, boundary: int) -> "GPT2Model":
+        """Turns dropout off in the embeddings and layers 0..boundary-1 (every nn.Dropout there, and attention
+        probabilities'), whatever the mode: their outputs are then the same in every epoch."""
+        parts = ([self.drop] if boundary > 0 else []) + list(self.h[:boundary])
+        for part in parts:
+            for module in part.modules():
+                if isinstance(module, nn.Dropout):
+                    module.p = 0.0
+                if isinstance(getattr(module, "dropout", None), float):
+                    module.dropout = 0.0  # attention: a number SDPA applies to the probabilities
+        return self
 
     def forward(
         self,
@@ -89,18 +135,26 @@ class GPT2Model(nn.Module):
         attention_mask: Optional[torch.Tensor] = None,
         cache: Optional[KVCache] = None,
         prompt_mask: Optional[torch.Tensor] = None,
+        entering: Optional[tuple[int, torch.Tensor]] = None,
     ) -> dict[str, torch.Tensor]:
         """input_ids (B, T); attention_mask (B, T), 1 at real tokens, padding on either side.
 
         Returns `last_hidden_state` (B, T, d), after the final LayerNorm, and `last_token` (B, d), the hidden
         state at each row's last real token. With a `cache`, the chunk continues the cached sequence.
         `prompt_mask` marks the prompt tokens interventions may act on; it defaults to the real tokens of a
-        first chunk and to none for a continuation (a decoding step).
+        first chunk and to none for a continuation (a decoding step). `entering` = (start, hidden): the hidden states
+        (B, T, d) entering layer `start`, computed elsewhere, so that the layers below are skipped; without it, a
+        first chunk asks `frozen_cache` (when one is attached) for them.
         """
         ctx = self.make_context(input_ids, attention_mask, cache, prompt_mask)
-        positions = self._positions(input_ids, ctx)
+        if entering is None and cache is None and self.frozen_cache is not None:
+            entering = self.frozen_cache.entering(self, input_ids, attention_mask, ctx.prompt_mask)
         with self.autocast():
-            hidden = self.encode(self.embed(input_ids, positions), ctx)
+            if entering is None:
+                start, hidden = 0, self.embed(input_ids, self._positions(input_ids, ctx))
+            else:
+                start, hidden = entering
+            hidden = self.encode(hidden, ctx, start)
         if cache is not None:
             cache.advance(input_ids.shape[1])
         return {"last_hidden_state": hidden, "last_token": last_real_token(hidden, attention_mask)}
@@ -109,6 +163,10 @@ class GPT2Model(nn.Module):
         """(B, d): what `forward(...)["last_token"]` returns. While gradients are recorded and only each row's last
         k prompt tokens can depend on a trainable parameter (`trainable_suffix_length`), it is computed by
         `forward_trainable_suffix` instead: the same values and gradients for a fraction of the training cost."""
+        if self.frozen_cache is not None:
+            cached = self.frozen_cache.last_token(self, input_ids, attention_mask)
+            if cached is not None:
+                return cached
         k = self.trainable_suffix_length() if torch.is_grad_enabled() else None
         if k is None or k >= input_ids.shape[1]:
             return self(input_ids, attention_mask)["last_token"]
@@ -153,12 +211,17 @@ class GPT2Model(nn.Module):
         input_ids, mask = left_align(input_ids, mask)
         split = length - k
         cache = KVCache.for_model(self.config, batch, length)
+        # With a cache of the frozen layers attached, both chunks start from its hidden states.
+        start, hidden = (None, None) if self.frozen_cache is None else \
+            self.frozen_cache.entering(self, input_ids, mask, mask.bool()) or (None, None)
         with torch.no_grad():
             no_prompt = torch.zeros_like(mask[:, :split], dtype=torch.bool)  # no intervention acts here
-            self(input_ids[:, :split], mask[:, :split], cache=cache, prompt_mask=no_prompt)
+            self(input_ids[:, :split], mask[:, :split], cache=cache, prompt_mask=no_prompt,
+                 entering=None if hidden is None else (start, hidden[:, :split]))
         cache.freeze()  # the suffix's keys carry gradients: concatenated to the cached ones, not written in place
         suffix_mask = mask[:, split:]
-        return self(input_ids[:, split:], suffix_mask, cache=cache, prompt_mask=suffix_mask.bool())["last_token"]
+        return self(input_ids[:, split:], suffix_mask, cache=cache, prompt_mask=suffix_mask.bool(),
+                    entering=None if hidden is None else (start, hidden[:, split:]))["last_token"]
 
     def hidden_state_to_token(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits through the token embedding (GPT-2 ties its LM head to it)."""

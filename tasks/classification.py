@@ -24,6 +24,7 @@ class LastTokenClassifier(nn.Module):
         super().__init__()
         self.gpt = gpt
         self.head = nn.Linear(gpt.config.n_embd, num_labels)
+        self.head_dropout = nn.Dropout(0.0)  # off unless set: see set_head_dropout
         if init_weight is not None:
             with torch.no_grad():
                 self.head.weight.copy_(init_weight)
@@ -33,7 +34,12 @@ class LastTokenClassifier(nn.Module):
         """(B, T) ids and mask -> (B, num_labels) fp32 logits. The head stays fp32 whatever the precision.
         `gpt.last_token` skips the gradient work a method training only last-token interventions does not need."""
         last = self.gpt.last_token(input_ids, attention_mask)
-        return self.head(last.float())
+        return self.head(self.head_dropout(last.float()))
+
+    def set_head_dropout(self, rate: float) -> None:
+        """Dropout on the head's input (the course's classifier has it); the frozen-part cache
+        (tasks/feature_cache.py) turns it on when it turns dropout off in the frozen layers."""
+        self.head_dropout.p = rate
 
 
 class ClassificationTask(Task):

@@ -18,6 +18,7 @@ from models.methods import (
     registered_methods,
 )
 from tasks.config import TrainConfig, seed_problem
+from tasks.feature_cache import parse_size
 from tasks.trainer import TrainingDiverged, run_training
 
 SCRIPTS = {"sentiment": ("sst", "cfimdb"), "paraphrase": ("quora",), "sonnet": ("sonnet",)}
@@ -69,6 +70,13 @@ def seed_value(text: str) -> int:
     if seed_problem(value):
         raise argparse.ArgumentTypeError(seed_problem(value))
     return value
+
+
+def size_in_bytes(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -127,6 +135,15 @@ def build_parser(script: str, default_task: Optional[str] = None) -> argparse.Ar
                        help="seeds the initial weights, the batch order, dropout and sampling")
     train.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:N or auto")
     train.add_argument("--precision", choices=PRECISION_CHOICES, default=defaults.precision, help=PRECISION_HELP)
+    train.add_argument("--threads", type=positive_int, default=None,
+                       help="intra-op CPU threads (default: torch's, one per core); 1 is often faster on a small "
+                       "machine that runs other work too (see README)")
+    train.add_argument("--no-cache", dest="cache", action="store_false",
+                       help="recompute the frozen layers below the first trainable one every epoch, with dropout in "
+                       "them (default: computed once per example and reused, dropout off there)")
+    train.add_argument("--cache-memory", type=size_in_bytes, default=None,
+                       help="RAM for that cache, such as 4G or 512M, beyond which it goes to a memory-mapped file in "
+                       "the run directory (default: a quarter of the machine's memory)")
     train.add_argument("--patience", type=positive_int, default=None,
                        help="early stopping: stop after N evaluations without a better dev metric")
     train.add_argument("--eval-every", type=positive_int, default=defaults.eval_every,

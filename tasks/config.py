@@ -47,6 +47,9 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"  # auto: bf16 on a GPU or a CPU with bf16 instructions, fp32 otherwise
     dropout: Optional[float] = None  # None: the checkpoint's (0.1 for GPT-2)
+    cache: bool = True  # compute the frozen part below the first trainable layer once (tasks/feature_cache.py)
+    cache_memory: Optional[int] = None  # bytes of RAM for that cache before it spills to disk; None: a quarter of RAM
+    threads: Optional[int] = None  # torch's intra-op threads; None: torch's default
 
     patience: Optional[int] = None  # stop after this many evaluations without a better dev metric
     eval_every: int = 1  # evaluate on dev every N epochs (and always after the last)
@@ -80,6 +83,10 @@ class TrainConfig:
             problems.append(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             problems.append(f"max_grad_norm must be > 0 (or unset), got {self.max_grad_norm}")
+        if self.cache_memory is not None and self.cache_memory < 0:
+            problems.append(f"cache_memory must be >= 0 bytes (or unset), got {self.cache_memory}")
+        if self.threads is not None and self.threads < 1:
+            problems.append(f"threads must be >= 1 (or unset), got {self.threads}")
         if self.dropout is not None and not 0 <= self.dropout < 1:
             problems.append(f"dropout must be in [0, 1), got {self.dropout}")
         if self.precision not in PRECISION_CHOICES:

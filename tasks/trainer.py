@@ -45,6 +45,7 @@ from models.tokenizer import tokenizer_source as models_tokenizer_source
 from modules.optimizer import AdamW
 import tasks
 from tasks import checkpoint as ckpt
+from tasks import feature_cache
 from tasks.batching import bucketed_batches
 from tasks.config import TrainConfig
 from tasks.distributed import Distributed, setup_distributed, teardown_distributed
@@ -187,6 +188,7 @@ class Trainer:
         self.status = "running"
         self.latest_dev = None  # (epoch, predictions, seconds) of the newest dev evaluation in this process
         self.lock = ckpt.RunLock(self.run_dir)
+        self.cache = None  # the frozen part's cache (tasks/feature_cache.py), when the method leaves one to keep
 
     # ---- output
     def say(self, message: str) -> None:
@@ -225,6 +227,7 @@ class Trainer:
             ckpt.clear_run_dir(self.run_dir)
         self.dist.barrier()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.cache = feature_cache.attach(self.model, self.gpt, config.cache, config.cache_memory, self.run_dir, self.say)
         self.summary = parameter_summary(self.model)
         if not self.params:
             raise ValueError(f"--method {config.method.method} leaves nothing to train on task {self.task.name}")
@@ -295,7 +298,8 @@ class Trainer:
         return {"task": c.task, "model": c.model, "method": c.method.to_dict(), "seed": c.seed, "epochs": c.epochs,
                 "lr": c.learning_rate, "batch_size": c.batch_size, "grad_accum": c.grad_accum,
                 "warmup_ratio": c.warmup_ratio, "weight_decay": c.weight_decay, "max_grad_norm": c.max_grad_norm,
-                "max_length": c.max_length, "max_train_examples": c.max_train_examples, "dropout": c.dropout}
+                "max_length": c.max_length, "max_train_examples": c.max_train_examples, "dropout": c.dropout,
+                "cache": c.cache}
 
     # ---- checkpoints
     def save_resume_checkpoint(self) -> None:
@@ -366,6 +370,8 @@ class Trainer:
             self.say(f"epoch {epoch + 1}/{config.epochs}: train loss {entry['train_loss']:.4f}"
                      + (f", dev {self.task.describe(entry['dev'])}" if entry.get("dev") else "")
                      + f" ({entry['train_seconds']:.1f} s, {entry['train_tokens_per_second']:.0f} tokens/s)")
+            if self.cache is not None:
+                self.say(self.cache.describe())
             self.progress = progress.next_epoch()
             if self.done() and self.status == "early stopping":
                 self.say(f"early stopping: no better dev {self.task.metric} for {config.patience} evaluations")
@@ -569,6 +575,8 @@ class Trainer:
                 raise
             return self.finish(already_finished)
         finally:
+            if self.cache is not None:
+                feature_cache.detach(self.gpt, self.cache)
             self.lock.release()
 
 
@@ -579,9 +587,13 @@ def run_training(task: Union[str, Task], config: TrainConfig) -> RunResult:
     if config.task != task.name:
         raise ValueError(f"run_training: config is for task {config.task!r}, not {task.name!r}")
     started = not torch.distributed.is_initialized()
+    threads = torch.get_num_threads()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     dist, device = setup_distributed(config.device)
     try:
         return Trainer(task, config, dist, device).run()
     finally:
+        torch.set_num_threads(threads)  # compare.py runs several methods in one process
         if started:
             teardown_distributed()

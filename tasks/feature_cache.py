@@ -1,0 +1,260 @@
+"""The frozen part of GPT-2, computed once per example and reused in later epochs and in evaluation.
+
+Below the first layer that holds a trainable parameter (`GPT2Model.frozen_boundary`) nothing changes during
+training, so, with dropout off there, the hidden states entering that layer are the same every epoch:
+
+- nothing in GPT-2 trains (a head on the last token): the final last-token features, one vector an example, so
+  that an epoch costs the head alone;
+- a method confined to upper layers (`--layers 8,9,10,11`): the hidden states entering the first adapted
+  layer, every position, stored in the compute precision (bf16 under `--precision bf16`);
+- anything training in layer 0 or in the embeddings (or around the layers, such as virtual tokens): no cache.
+
+Entries are keyed by what determines them, each row's real tokens (and prompt mask), so training and
+evaluation batches of any composition and padding find them. They live in RAM up to a budget
+(`--cache-memory`) and beyond it in a memory-mapped anonymous file in the run directory, which vanishes with
+the process. The trainer attaches the cache (`attach`) and prints what it holds (`FrozenCache.describe`).
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+SPILL_CHUNK = 256 * 2**20  # the spill file grows by this much at a time
+DISK_RESERVE = 2**30  # the spill file stops growing when less than this would be left on its disk
+SIZE_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'4G', '512M', '1.5g', '0' or a byte count -> bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*", text.lower())
+    if not match:
+        raise ValueError(f"must be a size such as 4G, 512M or 0, got {text!r}")
+    return int(float(match.group(1)) * SIZE_UNITS[match.group(2)])
+
+
+def default_memory_budget() -> int:
+    """A quarter of the machine's physical memory (2 GiB where that cannot be read)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError, AttributeError):
+        return 2 * 2**30
+
+
+def format_bytes(count: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count} B"
+
+
+class TensorStore:
+    """CPU tensors by key: in RAM while they fit `memory_budget` bytes, then in a memory-mapped file in `directory`
+    (an unnamed temporary file: nothing is left behind, whatever ends the process). `put` returns False, storing
+    nothing, once the file would leave less than DISK_RESERVE free on its disk."""
+
+    def __init__(self, memory_budget: int, directory: Path):
+        self.memory_budget, self.directory = memory_budget, Path(directory)
+        self.ram: dict[bytes, torch.Tensor] = {}
+        self.spilled: dict[bytes, tuple[int, torch.Size, torch.dtype]] = {}
+        self.ram_bytes = self.disk_bytes = 0
+        self.file = None
+        self.map: Optional[mmap.mmap] = None
+        self.full = False
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self.ram or key in self.spilled
+
+    def __len__(self) -> int:
+        return len(self.ram) + len(self.spilled)
+
+    def put(self, key: bytes, tensor: torch.Tensor) -> bool:
+        tensor = tensor.detach().to("cpu").contiguous()
+        size = tensor.numel() * tensor.element_size()
+        if self.ram_bytes + size <= self.memory_budget:
+            self.ram[key] = tensor.clone()  # not a view of the batch it came from
+            self.ram_bytes += size
+            return True
+        if not self._room_on_disk(size):
+            self.full = True
+            return False
+        self._bytes_at(self.disk_bytes, size).copy_(tensor.view(-1).view(torch.uint8))
+        self.spilled[key] = (self.disk_bytes, tensor.shape, tensor.dtype)
+        self.disk_bytes += size
+        return True
+
+    def get(self, key: bytes) -> torch.Tensor:
+        """The stored tensor (a view of the file for a spilled one: copy it before the store closes)."""
+        if key in self.ram:
+            return self.ram[key]
+        offset, shape, dtype = self.spilled[key]
+        size = shape.numel() * torch.empty((), dtype=dtype).element_size()
+        return self._bytes_at(offset, size).view(dtype).view(shape)
+
+    def close(self) -> None:
+        self.ram.clear()
+        self.spilled.clear()
+        self.map = None  # views still alive keep the mapping until they go
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+    def _room_on_disk(self, size: int) -> bool:
+        end = self.disk_bytes + size
+        if self.map is not None and end <= len(self.map):
+            return True
+        grown = (self.map is not None and len(self.map) or 0) + max(SPILL_CHUNK, size)
+        if self.file is None:
+            self.file = tempfile.TemporaryFile(dir=self.directory, prefix="feature-cache-")
+        if shutil.disk_usage(self.directory).free - (grown - (len(self.map) if self.map is not None else 0)) \
+                < DISK_RESERVE:
+            return False
+        os.ftruncate(self.file.fileno(), grown)
+        self.map = mmap.mmap(self.file.fileno(), grown)
+        return True
+
+    def _bytes_at(self, offset: int, size: int) -> torch.Tensor:
+        return torch.frombuffer(self.map, dtype=torch.uint8, count=size, offset=offset)
+
+
+class FrozenCache:
+    """What `GPT2Model.frozen_cache` expects: `entering` (the hidden states entering layer `boundary`) when
+    1 <= boundary <= n_layer, `last_token` (the final last-token features) when nothing in GPT-2 trains
+    (boundary n_layer + 1). Both return None for what they do not serve, and the model then computes as usual.
+    An entry is rounded to `dtype` when stored and every use reads the stored value, so the first epoch and the
+    later ones (and a resumed run) see the same numbers."""
+
+    def __init__(self, boundary: int, n_layer: int, store: TensorStore, dtype: torch.dtype):
+        self.boundary, self.n_layer, self.store, self.dtype = boundary, n_layer, store, dtype
+        self.compute_seconds = 0.0
+        self.computed_tokens = self.reused_tokens = 0
+        self.uncached_rows = 0  # rows computed but not stored (the store was full)
+
+    @property
+    def features_only(self) -> bool:
+        return self.boundary > self.n_layer
+
+    # ---- the two questions GPT2Model asks
+    def entering(self, gpt, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                 prompt_mask: Optional[torch.Tensor]) -> Optional[tuple[int, torch.Tensor]]:
+        if self.features_only:
+            return None
+        real = real_mask(input_ids, attention_mask)
+        prompt = real if prompt_mask is None else prompt_mask.bool()
+        keys = [row_key(b"h", input_ids[i][real[i]], prompt[i][real[i]]) for i in range(input_ids.shape[0])]
+        rows = self._lookup(keys, real, lambda: gpt.hidden_states_entering(input_ids, attention_mask, prompt_mask,
+                                                                            self.boundary), per_token=True)
+        hidden = torch.zeros(*input_ids.shape, gpt.config.n_embd, device=input_ids.device)  # padding: zeros
+        for i, row in enumerate(rows):
+            hidden[i, real[i]] = row.to(hidden.device, hidden.dtype)
+        return self.boundary, hidden
+
+    def last_token(self, gpt, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        if not self.features_only:
+            return None
+        real = real_mask(input_ids, attention_mask)
+        keys = [row_key(b"f", input_ids[i][real[i]]) for i in range(input_ids.shape[0])]
+
+        def compute():
+            return gpt.forward(input_ids, attention_mask)["last_token"]
+
+        rows = self._lookup(keys, real, compute, per_token=False)
+        return torch.stack([row.to(input_ids.device, torch.float32) for row in rows])
+
+    def _lookup(self, keys: list[bytes], real: torch.Tensor, compute: Callable[[], torch.Tensor],
+                per_token: bool) -> list[torch.Tensor]:
+        """Each row's stored entry; when any is missing, the whole batch is computed (without gradients) and the
+        missing rows stored."""
+        lengths = real.sum(-1).tolist()
+        hits = [key in self.store for key in keys]
+        computed = {}
+        if not all(hits):
+            start = time.perf_counter()
+            with torch.no_grad():
+                batch = compute()
+            for i, key in enumerate(keys):
+                if key in self.store or key in computed:
+                    continue
+                entry = (batch[i][real[i]] if per_token else batch[i]).to(self.dtype)
+                if not self.store.put(key, entry):
+                    computed[key] = entry
+                    self.uncached_rows += 1
+                self.computed_tokens += lengths[i]
+            self.compute_seconds += time.perf_counter() - start
+        self.reused_tokens += sum(n for n, hit in zip(lengths, hits) if hit)
+        rows = [computed[key] if key in computed else self.store.get(key) for key in keys]
+        return rows
+
+    # ---- what the run prints
+    def what(self) -> str:
+        if self.features_only:
+            return "the last-token features (nothing in GPT-2 trains)"
+        if self.boundary == self.n_layer:
+            return f"the hidden states entering the final LayerNorm (layers 0-{self.n_layer - 1} frozen)"
+        below = "layer 0" if self.boundary == 1 else f"layers 0-{self.boundary - 1}"
+        return f"the hidden states entering layer {self.boundary} ({below} frozen)"
+
+    def describe(self) -> str:
+        store = self.store
+        seconds_per_token = self.compute_seconds / max(self.computed_tokens, 1)
+        full = (f"; the store is full, {self.uncached_rows} rows are computed every time (raise --cache-memory or "
+                "free disk space)") if store.full else ""
+        return (f"  cache: {len(store):,} examples, {format_bytes(store.ram_bytes)} in RAM + "
+                f"{format_bytes(store.disk_bytes)} on disk; computing them took {self.compute_seconds:.1f} s, "
+                f"reusing them saved ~{self.reused_tokens * seconds_per_token:.1f} s so far{full}")
+
+    def stats(self) -> dict:
+        return {"boundary": self.boundary, "entries": len(self.store), "ram_bytes": self.store.ram_bytes,
+                "disk_bytes": self.store.disk_bytes, "compute_seconds": self.compute_seconds,
+                "computed_tokens": self.computed_tokens, "reused_tokens": self.reused_tokens}
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def real_mask(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    return torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+
+
+def row_key(kind: bytes, *parts: torch.Tensor) -> bytes:
+    """What determines a row's entry: its real tokens (and, for hidden states, which of them are prompt tokens,
+    since a frozen intervention below the boundary may act on those)."""
+    return kind + b"|".join(part.to("cpu", torch.int64).numpy().tobytes() for part in parts)
+
+
+def attach(model: nn.Module, gpt, enabled: bool, memory_budget: Optional[int], directory: Path,
+           say: Callable[[str], None]) -> Optional[FrozenCache]:
+    """Attaches a cache of the frozen part to `gpt` (inside the task model `model`) and applies its dropout rule:
+    none below the boundary, GPT-2's rate on the head's input (a task model that has a head says so with
+    `set_head_dropout`). Returns None, changing nothing, when disabled or when nothing below a trainable
+    parameter is worth storing (layer 0 or the embeddings train)."""
+    boundary = gpt.frozen_boundary()
+    if not enabled or boundary == 0:
+        return None
+    gpt.set_dropout_below(boundary)
+    set_head_dropout = getattr(model, "set_head_dropout", None)
+    if set_head_dropout is not None:
+        set_head_dropout(gpt.config.dropout)
+    budget = default_memory_budget() if memory_budget is None else memory_budget
+    dtype = torch.float32 if boundary > gpt.config.n_layer or gpt.precision == "fp32" else torch.bfloat16
+    cache = FrozenCache(boundary, gpt.config.n_layer, TensorStore(budget, directory), dtype)
+    gpt.frozen_cache = cache
+    where = "in GPT-2" if cache.features_only else f"below layer {boundary}"
+    head = ", on at the head's input" if set_head_dropout is not None else ""
+    say(f"  cache: {cache.what()}, computed once per example and reused (in RAM up to {format_bytes(budget)}, "
+        f"then on disk); dropout off {where}{head}; --no-cache recomputes them every epoch, with dropout")
+    return cache
+
+
+def detach(gpt, cache: Optional[FrozenCache]) -> None:
+    if cache is not None:
+        gpt.frozen_cache = None
+        cache.close()
