@@ -211,9 +211,14 @@ class GPT2Model(nn.Module):
         input_ids, mask = left_align(input_ids, mask)
         split = length - k
         cache = KVCache.for_model(self.config, batch, length)
-        # With a cache of the frozen layers attached, both chunks start from its hidden states.
-        start, hidden = (None, None) if self.frozen_cache is None else \
-            self.frozen_cache.entering(self, input_ids, mask, mask.bool()) or (None, None)
+        # Layers below the first trainable one run once over whole rows, or come from the frozen cache (the same
+        # numbers either way); both chunks start from their output.
+        start, hidden = self.frozen_boundary(), None
+        if start > 0:
+            cached = None if self.frozen_cache is None else self.frozen_cache.entering(self, input_ids, mask, mask.bool())
+            with torch.no_grad():
+                hidden = cached[1] if cached is not None else \
+                    self.hidden_states_entering(input_ids, mask, mask.bool(), start)
         with torch.no_grad():
             no_prompt = torch.zeros_like(mask[:, :split], dtype=torch.bool)  # no intervention acts here
             self(input_ids[:, :split], mask[:, :split], cache=cache, prompt_mask=no_prompt,
