@@ -62,6 +62,9 @@ class GPT2Model(nn.Module):
         # asked by `forward` for the hidden states entering the first trainable layer, by `last_token` for the
         # final features when nothing in GPT-2 trains.
         self.frozen_cache = None
+        # True where a frozen cache stores `gradient_free_prefix`'s output: it then runs without dropout, and
+        # evaluation takes the same prefix/suffix split as training so that it can reuse it.
+        self.prefix_cacheable = False
         self.apply(self._init_weights)
         # GPT-2's scaled init: each residual branch's output projection shrinks with depth, so the
         # residual stream's variance does not grow with the number of layers.
@@ -162,12 +165,13 @@ class GPT2Model(nn.Module):
     def last_token(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, d): what `forward(...)["last_token"]` returns. While gradients are recorded and only each row's last
         k prompt tokens can depend on a trainable parameter (`trainable_suffix_length`), it is computed by
-        `forward_trainable_suffix` instead: the same values and gradients for a fraction of the training cost."""
+        `forward_trainable_suffix` instead: the same values and gradients for a fraction of the training cost (in
+        evaluation too with `prefix_cacheable`, so that a frozen cache's prefix serves there as well)."""
         if self.frozen_cache is not None:
             cached = self.frozen_cache.last_token(self, input_ids, attention_mask)
             if cached is not None:
                 return cached
-        k = self.trainable_suffix_length() if torch.is_grad_enabled() else None
+        k = self.trainable_suffix_length() if torch.is_grad_enabled() or self.prefix_cacheable else None
         if k is None or k >= input_ids.shape[1]:
             return self(input_ids, attention_mask)["last_token"]
         return self.forward_trainable_suffix(input_ids, attention_mask, k)
@@ -206,27 +210,39 @@ class GPT2Model(nn.Module):
         their slots among them (the prompt's last k tokens). Autograd keeps (B, k, d) activations instead of
         (B, T, d) and back-propagates through k tokens instead of T.
         """
-        batch, length = input_ids.shape
+        length = input_ids.shape[1]
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         input_ids, mask = left_align(input_ids, mask)
         split = length - k
-        cache = KVCache.for_model(self.config, batch, length)
-        # Layers below the first trainable one run once over whole rows, or come from the frozen cache (the same
-        # numbers either way); both chunks start from their output.
-        start, hidden = self.frozen_boundary(), None
-        if start > 0:
-            cached = None if self.frozen_cache is None else self.frozen_cache.entering(self, input_ids, mask, mask.bool())
-            with torch.no_grad():
-                hidden = cached[1] if cached is not None else \
-                    self.hidden_states_entering(input_ids, mask, mask.bool(), start)
-        with torch.no_grad():
-            no_prompt = torch.zeros_like(mask[:, :split], dtype=torch.bool)  # no intervention acts here
-            self(input_ids[:, :split], mask[:, :split], cache=cache, prompt_mask=no_prompt,
-                 entering=None if hidden is None else (start, hidden[:, :split]))
-        cache.freeze()  # the suffix's keys carry gradients: concatenated to the cached ones, not written in place
+        prefix = None if self.frozen_cache is None else self.frozen_cache.prefix(self, input_ids, mask, split)
+        cache, entering = prefix if prefix is not None else self.gradient_free_prefix(input_ids, mask, split)
         suffix_mask = mask[:, split:]
         return self(input_ids[:, split:], suffix_mask, cache=cache, prompt_mask=suffix_mask.bool(),
-                    entering=None if hidden is None else (start, hidden[:, split:]))["last_token"]
+                    entering=entering)["last_token"]
+
+    def gradient_free_prefix(self, input_ids: torch.Tensor, mask: torch.Tensor, split: int):
+        """For left-aligned rows (`forward_trainable_suffix`): a frozen KVCache holding the keys and values of the
+        columns before `split`, computed without gradients, and what the columns from `split` on start from: None
+        (the embeddings), or (start, hidden) entering the first trainable layer `start`. The layers below that one
+        run once over whole rows. With `prefix_cacheable` the prefix runs without dropout, so that its keys and
+        values are the same every epoch (a frozen cache may then store them)."""
+        batch, length = input_ids.shape
+        cache = KVCache.for_model(self.config, batch, length)
+        start, hidden = self.frozen_boundary(), None
+        was_training = self.training
+        with torch.no_grad():
+            if self.prefix_cacheable:
+                self.eval()
+            try:
+                if start > 0:
+                    hidden = self.hidden_states_entering(input_ids, mask, mask.bool(), start)
+                no_prompt = torch.zeros_like(mask[:, :split], dtype=torch.bool)  # no intervention acts here
+                self(input_ids[:, :split], mask[:, :split], cache=cache, prompt_mask=no_prompt,
+                     entering=None if hidden is None else (start, hidden[:, :split]))
+            finally:
+                self.train(was_training)
+        cache.freeze()  # the suffix's keys carry gradients: concatenated to the cached ones, not written in place
+        return cache, None if hidden is None else (start, hidden[:, split:])
 
     def hidden_state_to_token(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits through the token embedding (GPT-2 ties its LM head to it)."""

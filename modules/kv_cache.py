@@ -44,6 +44,15 @@ class KVCache:
         buffer, each layer's keys would bump the version of the tensors earlier layers saved for backward."""
         self.frozen = True
 
+    def load(self, keys: torch.Tensor, values: torch.Tensor, padding_mask: torch.Tensor) -> "KVCache":
+        """Fills this empty cache with the keys and values (n_layer, B, H, T, hd) of T positions computed before,
+        `padding_mask` (B, T) marking the real ones, and freezes it (see `freeze`)."""
+        self.keys, self.values = keys, values
+        self.extend_padding_mask(padding_mask)
+        self.length = keys.shape[3]
+        self.freeze()
+        return self
+
     def update(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor):
         """Stores this chunk's keys/values (B, H, T, hd) for one layer; returns all cached ones so far."""
         if self.frozen:

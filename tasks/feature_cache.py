@@ -28,6 +28,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from modules.kv_cache import KVCache
+
 SPILL_CHUNK = 256 * 2**20  # the spill file grows by this much at a time
 DISK_RESERVE = 2**30  # the spill file stops growing when less than this would be left on its disk
 SIZE_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
@@ -126,14 +128,21 @@ class TensorStore:
 
 
 class FrozenCache:
-    """What `GPT2Model.frozen_cache` expects: `entering` (the hidden states entering layer `boundary`) when
-    1 <= boundary <= n_layer, `last_token` (the final last-token features) when nothing in GPT-2 trains
-    (boundary n_layer + 1). Both return None for what they do not serve, and the model then computes as usual.
-    An entry is rounded to `dtype` when stored and every use reads the stored value, so the first epoch and the
-    later ones (and a resumed run) see the same numbers."""
+    """What `GPT2Model.frozen_cache` expects; each question returns None for what this cache does not serve, and
+    the model then computes as usual:
 
-    def __init__(self, boundary: int, n_layer: int, store: TensorStore, dtype: torch.dtype):
+    - `entering`: the hidden states entering layer `boundary` (1 <= boundary <= n_layer), for every position;
+    - `last_token`: the final last-token features, when nothing in GPT-2 trains (boundary n_layer + 1);
+    - `prefix`: for a model whose trainable parameters act on each row's last k prompt tokens only
+      (`suffix_mode`), the keys and values of the tokens before them and the hidden states the last k start from.
+
+    An entry is rounded to `dtype` (hidden states) when stored, and every use reads the stored value, so the first
+    epoch and the later ones (and a resumed run) see the same numbers."""
+
+    def __init__(self, boundary: int, n_layer: int, store: TensorStore, dtype: torch.dtype, suffix_mode: bool):
         self.boundary, self.n_layer, self.store, self.dtype = boundary, n_layer, store, dtype
+        self.suffix_mode = suffix_mode
+        self.complete: set[bytes] = set()  # rows whose every part is stored
         self.compute_seconds = 0.0
         self.computed_tokens = self.reused_tokens = 0
         self.uncached_rows = 0  # rows computed but not stored (the store was full)
@@ -142,19 +151,23 @@ class FrozenCache:
     def features_only(self) -> bool:
         return self.boundary > self.n_layer
 
-    # ---- the two questions GPT2Model asks
+    # ---- the questions GPT2Model asks
     def entering(self, gpt, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
                  prompt_mask: Optional[torch.Tensor]) -> Optional[tuple[int, torch.Tensor]]:
-        if self.features_only:
+        if not 0 < self.boundary <= self.n_layer:
             return None
         real = real_mask(input_ids, attention_mask)
         prompt = real if prompt_mask is None else prompt_mask.bool()
         keys = [row_key(b"h", input_ids[i][real[i]], prompt[i][real[i]]) for i in range(input_ids.shape[0])]
-        rows = self._lookup(keys, real, lambda: gpt.hidden_states_entering(input_ids, attention_mask, prompt_mask,
-                                                                            self.boundary), per_token=True)
+
+        def compute():
+            return gpt.hidden_states_entering(input_ids, attention_mask, prompt_mask, self.boundary)
+
+        rows = self._lookup(keys, real.sum(-1).tolist(), compute,
+                            lambda out, i: {b"h": out[i][real[i]].to(self.dtype)})
         hidden = torch.zeros(*input_ids.shape, gpt.config.n_embd, device=input_ids.device)  # padding: zeros
         for i, row in enumerate(rows):
-            hidden[i, real[i]] = row.to(hidden.device, hidden.dtype)
+            hidden[i, real[i]] = row[b"h"].to(hidden.device, hidden.dtype)
         return self.boundary, hidden
 
     def last_token(self, gpt, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -162,61 +175,106 @@ class FrozenCache:
             return None
         real = real_mask(input_ids, attention_mask)
         keys = [row_key(b"f", input_ids[i][real[i]]) for i in range(input_ids.shape[0])]
+        rows = self._lookup(keys, real.sum(-1).tolist(), lambda: gpt.forward(input_ids, attention_mask)["last_token"],
+                            lambda out, i: {b"f": out[i].float()})
+        return torch.stack([row[b"f"] for row in rows]).to(input_ids.device)
 
-        def compute():
-            return gpt.forward(input_ids, attention_mask)["last_token"]
+    def prefix(self, gpt, input_ids: torch.Tensor, mask: torch.Tensor, split: int):
+        """What `GPT2Model.gradient_free_prefix` returns for these left-aligned rows, from the store."""
+        if not self.suffix_mode:
+            return None
+        real = mask.bool()
+        batch, length = input_ids.shape
+        counts = real.sum(-1).tolist()
+        before = [max(n - (length - split), 0) for n in counts]  # each row's real tokens before the last k
+        start = max(self.boundary, 0)
+        keys = [row_key(b"p%d|" % (length - split), input_ids[i][real[i]]) for i in range(batch)]
 
-        rows = self._lookup(keys, real, compute, per_token=False)
-        return torch.stack([row.to(input_ids.device, torch.float32) for row in rows])
+        def extract(out, i):
+            cache, entering = out
+            span = slice(split - before[i], split)
+            parts = {b"kv": torch.stack((cache.keys[start:, i, :, span], cache.values[start:, i, :, span]), 1)}
+            if entering is not None:
+                parts[b"h"] = entering[1][i].to(self.dtype)
+            return parts
 
-    def _lookup(self, keys: list[bytes], real: torch.Tensor, compute: Callable[[], torch.Tensor],
-                per_token: bool) -> list[torch.Tensor]:
-        """Each row's stored entry; when any is missing, the whole batch is computed (without gradients) and the
-        missing rows stored."""
-        lengths = real.sum(-1).tolist()
-        hits = [key in self.store for key in keys]
-        computed = {}
+        rows = self._lookup(keys, before, lambda: gpt.gradient_free_prefix(input_ids, mask, split), extract)
+        sample = rows[0][b"kv"]
+        shape = (self.n_layer, batch, sample.shape[2], split, sample.shape[4])
+        keys_out = torch.empty(shape, dtype=sample.dtype, device=input_ids.device)
+        values_out = torch.empty_like(keys_out)
+        keys_out[start:].zero_()  # padding: zeros (layers below `start` are never read)
+        values_out[start:].zero_()
+        for i, row in enumerate(rows):
+            span = slice(split - before[i], split)
+            keys_out[start:, i, :, span] = row[b"kv"][:, 0].to(keys_out.device)
+            values_out[start:, i, :, span] = row[b"kv"][:, 1].to(keys_out.device)
+        cache = KVCache.for_model(gpt.config, batch, length).load(keys_out, values_out, real[:, :split])
+        if start == 0:
+            return cache, None
+        hidden = torch.stack([row[b"h"] for row in rows]).to(input_ids.device, torch.float32)
+        return cache, (start, hidden)
+
+    def _lookup(self, keys: list[bytes], sizes: list[int], compute: Callable[[], object],
+                extract: Callable[[object, int], dict]) -> list[dict]:
+        """Each row's stored parts ({name: tensor}). When any row is missing, `compute()` runs for the whole batch
+        (without gradients) and `extract(output, i)` gives row i's parts, which are stored."""
+        hits = [key in self.complete for key in keys]
+        unstored = {}
         if not all(hits):
-            start = time.perf_counter()
+            begin = time.perf_counter()
             with torch.no_grad():
-                batch = compute()
+                output = compute()
             for i, key in enumerate(keys):
-                if key in self.store or key in computed:
+                if key in self.complete or key in unstored:
                     continue
-                entry = (batch[i][real[i]] if per_token else batch[i]).to(self.dtype)
-                if not self.store.put(key, entry):
-                    computed[key] = entry
+                parts = extract(output, i)
+                if all(self.store.put(key + b"/" + name, part) for name, part in parts.items()):
+                    self.complete.add(key)
+                else:
+                    unstored[key] = parts
                     self.uncached_rows += 1
-                self.computed_tokens += lengths[i]
-            self.compute_seconds += time.perf_counter() - start
-        self.reused_tokens += sum(n for n, hit in zip(lengths, hits) if hit)
-        rows = [computed[key] if key in computed else self.store.get(key) for key in keys]
-        return rows
+                self.computed_tokens += sizes[i]
+            self.compute_seconds += time.perf_counter() - begin
+        self.reused_tokens += sum(n for n, hit in zip(sizes, hits) if hit)
+        return [unstored[key] if key in unstored else self._parts(key) for key in keys]
+
+    def _parts(self, key: bytes) -> dict:
+        prefix = key + b"/"
+        return {name: self.store.get(prefix + name) for name in (b"h", b"f", b"kv") if prefix + name in self.store}
 
     # ---- what the run prints
     def what(self) -> str:
         if self.features_only:
             return "the last-token features (nothing in GPT-2 trains)"
+        parts = []
+        if self.suffix_mode:
+            parts.append("the keys and values of the tokens before the last trained positions (the gradient-free "
+                         "prefix)")
         if self.boundary == self.n_layer:
-            return f"the hidden states entering the final LayerNorm (layers 0-{self.n_layer - 1} frozen)"
-        below = "layer 0" if self.boundary == 1 else f"layers 0-{self.boundary - 1}"
-        return f"the hidden states entering layer {self.boundary} ({below} frozen)"
+            parts.append(f"the hidden states entering the final LayerNorm (layers 0-{self.n_layer - 1} frozen)")
+        elif self.boundary > 0:
+            below = "layer 0" if self.boundary == 1 else f"layers 0-{self.boundary - 1}"
+            parts.append(f"the hidden states entering layer {self.boundary} ({below} frozen)")
+        return " and ".join(parts)
 
     def describe(self) -> str:
         store = self.store
         seconds_per_token = self.compute_seconds / max(self.computed_tokens, 1)
-        full = (f"; the store is full, {self.uncached_rows} rows are computed every time (raise --cache-memory or "
-                "free disk space)") if store.full else ""
-        return (f"  cache: {len(store):,} examples, {format_bytes(store.ram_bytes)} in RAM + "
+        full = (f"; the store is full, {self.uncached_rows} rows were computed without being kept (raise "
+                "--cache-memory or free disk space)") if store.full else ""
+        return (f"  cache: {len(self.complete):,} rows, {format_bytes(store.ram_bytes)} in RAM + "
                 f"{format_bytes(store.disk_bytes)} on disk; computing them took {self.compute_seconds:.1f} s, "
                 f"reusing them saved ~{self.reused_tokens * seconds_per_token:.1f} s so far{full}")
 
     def stats(self) -> dict:
-        return {"boundary": self.boundary, "entries": len(self.store), "ram_bytes": self.store.ram_bytes,
-                "disk_bytes": self.store.disk_bytes, "compute_seconds": self.compute_seconds,
-                "computed_tokens": self.computed_tokens, "reused_tokens": self.reused_tokens}
+        return {"boundary": self.boundary, "suffix_mode": self.suffix_mode, "rows": len(self.complete),
+                "ram_bytes": self.store.ram_bytes, "disk_bytes": self.store.disk_bytes,
+                "compute_seconds": self.compute_seconds, "computed_tokens": self.computed_tokens,
+                "reused_tokens": self.reused_tokens}
 
     def close(self) -> None:
+        self.complete.clear()
         self.store.close()
 
 
@@ -236,18 +294,20 @@ def attach(model: nn.Module, gpt, enabled: bool, memory_budget: Optional[int], d
     none below the boundary, GPT-2's rate on the head's input (a task model that has a head says so with
     `set_head_dropout`). Returns None, changing nothing, when disabled or when nothing below a trainable
     parameter is worth storing (layer 0 or the embeddings train)."""
-    boundary = gpt.frozen_boundary()
-    if not enabled or boundary == 0:
+    boundary, suffix_mode = gpt.frozen_boundary(), gpt.trainable_suffix_length() is not None
+    if not enabled or (boundary == 0 and not suffix_mode):
         return None
     gpt.set_dropout_below(boundary)
+    gpt.prefix_cacheable = suffix_mode
     set_head_dropout = getattr(model, "set_head_dropout", None)
     if set_head_dropout is not None:
         set_head_dropout(gpt.config.dropout)
     budget = default_memory_budget() if memory_budget is None else memory_budget
     dtype = torch.float32 if boundary > gpt.config.n_layer or gpt.precision == "fp32" else torch.bfloat16
-    cache = FrozenCache(boundary, gpt.config.n_layer, TensorStore(budget, directory), dtype)
+    cache = FrozenCache(boundary, gpt.config.n_layer, TensorStore(budget, directory), dtype, suffix_mode)
     gpt.frozen_cache = cache
-    where = "in GPT-2" if cache.features_only else f"below layer {boundary}"
+    where = "in GPT-2" if cache.features_only else " and ".join(
+        (["in the gradient-free prefix"] if suffix_mode else []) + ([f"below layer {boundary}"] if boundary else []))
     head = ", on at the head's input" if set_head_dropout is not None else ""
     say(f"  cache: {cache.what()}, computed once per example and reused (in RAM up to {format_bytes(budget)}, "
         f"then on disk); dropout off {where}{head}; --no-cache recomputes them every epoch, with dropout")
