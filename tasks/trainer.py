@@ -348,6 +348,8 @@ class Trainer:
                "fingerprints": self.fingerprints, "parameters": self.summary, "precision": self.precision, "device": str(self.device),
                "world_size": self.dist.world_size, "best_epoch": self.best.epoch,
                "best_dev_metric": self.best.metric, "metric": self.task.metric, "epochs": self.history}
+        if self.cache is not None:
+            log["cache"] = self.cache.stats()
         if final is not None:
             log["final"] = final
         atomic_save(lambda temp: Path(temp).write_text(json.dumps(log, indent=2) + "\n"), self.run_dir / "log.json")
