@@ -16,6 +16,11 @@ TARGETS = {
     "generate_vs_transformers": ("new tokens/s vs transformers generate (worse of batch 1 and 8)", 1.5, "min"),
     "forward_mfu": ("forward FLOP/s / bf16 matmul peak", 0.5, "min"),
     "sst_epoch_seconds_loreft": ("one SST epoch with LoReFT, seconds", 60.0, "max"),
+    "sst_later_epoch_seconds_last-linear-layer": ("slowest SST epoch after the first, last-linear-layer, seconds",
+                                                  5.0, "max"),
+    "sst_later_epoch_fraction_loreft-top4": ("slowest SST epoch after the first / the first, LoReFT on the top four "
+                                             "layers", 0.25, "max"),
+    "sst_run_over_first_epoch_loreft": ("3-epoch SST run / its first epoch, last-position LoReFT", 2.0, "max"),
 }
 # SST-5 training set as the GPT-2 tokenizer splits it: sentences, tokens, and the forward FLOPs of one pass
 # over them (sum over sentences of forward_flops at their own length), for the epoch-time bound.
@@ -91,6 +96,7 @@ def derive(results: dict) -> None:
             continue
         sst[f"sst_epoch_seconds_{method}"] = entry.get("epoch_seconds")
         sst[f"sst_peak_rss_mib_{method}"] = entry["peak_rss_bytes"] / 2**20 if entry.get("peak_rss_bytes") else None
+    sst.update(sst_run_figures(results.get("sst_run", {})))
 
     targets = []
     for name, (label, target, sense) in TARGETS.items():
@@ -120,6 +126,13 @@ def derive(results: dict) -> None:
                        f"{SST_TRAIN['forward_flops'] / 1e12:.1f} TFLOP; a LoReFT step costs 2x that with plain autograd, "
                        "about 1x with the gradient-free prefix (last-position LoReFT, as measured)",
         }
+    bounds["sst_later_epoch_fraction_loreft-top4"] = {
+        "flop_fraction": TOP4_LATER_EPOCH_FLOP_FRACTION,
+        "formula": "LoReFT's default positions (f1+l1) put an intervention on every row's first token at layer 8, "
+                   "which every later token of that row depends on: an epoch after the first still runs layers 8-11 "
+                   "forward (4 layer-passes) and backward for activation gradients (about 4 more) over every token, "
+                   "against 12 forward + 4 backward layer-passes in the first epoch",
+    }
     results["ratios"] = ratios
     results["ratios_of_best_steps"] = best_step_ratios(results)
     results["checks"] = cross_checks(results)
@@ -135,6 +148,30 @@ def derive(results: dict) -> None:
         "at the last position: 1x forward plus the backward of one token (the earlier tokens run without "
         "gradients)." % (fwd_flops / 1e6)
     )
+
+
+# An epoch after the first of LoReFT (f1+l1) on the top four layers, in layer-passes: (4 forward + 4 backward) /
+# (12 forward + 4 backward) of the first. The FLOPs' floor for sst_later_epoch_fraction_loreft-top4.
+TOP4_LATER_EPOCH_FLOP_FRACTION = (4 + 4) / (12 + 4)
+
+
+def sst_run_figures(runs: dict) -> dict:
+    """From the multi-epoch SST runs: each run's training seconds, its slowest epoch after the first (alone and as
+    a fraction of the first) and the run over its first epoch. Runs on part of the training set (a smoke test)
+    are named sst_partial_..., held to no target."""
+    out = {}
+    for name, entry in runs.items():
+        epochs = entry.get("epoch_seconds") or []
+        if not epochs:
+            continue
+        prefix = "sst" if entry.get("train_examples", "all") == "all" else "sst_partial"
+        out[f"{prefix}_run_seconds_{name}"] = sum(epochs)
+        if len(epochs) > 1:
+            later = max(epochs[1:])
+            out[f"{prefix}_later_epoch_seconds_{name}"] = later
+            out[f"{prefix}_later_epoch_fraction_{name}"] = later / epochs[0] if epochs[0] else None
+            out[f"{prefix}_run_over_first_epoch_{name}"] = sum(epochs) / epochs[0] if epochs[0] else None
+    return out
 
 
 def best_step_ratios(results: dict) -> dict:
@@ -222,6 +259,24 @@ def describe_sst(entry: dict) -> str:
     partial = "" if entry.get("train_examples", "all") == "all" else f" ({entry['train_examples']} sentences only)"
     return (f"epoch{partial} {fmt(entry.get('epoch_seconds'), 1)} s, whole run {fmt(entry.get('wall_seconds'), 1)} s, "
             f"peak RSS {fmt(entry.get('peak_rss_bytes', 0) / 2**20, 0)} MiB")
+
+
+def describe_sst_run(entry: dict) -> str:
+    if "not_measured" in entry:
+        return f"not measured: {entry['not_measured']}"
+    if "error" in entry or "log_error" in entry:
+        return "failed: " + (entry.get("error") or entry["log_error"]).splitlines()[0]
+    partial = "" if entry.get("train_examples", "all") == "all" else f" ({entry['train_examples']} sentences only)"
+    epochs = " / ".join(fmt(seconds, 1) for seconds in entry["epoch_seconds"])
+    return (f"epochs{partial} {epochs} s, run {fmt(entry.get('run_seconds'), 1)} s ({entry.get('precision')}), "
+            f"{describe_cache(entry.get('cache'))}, peak RSS {fmt(entry.get('peak_rss_bytes', 0) / 2**20, 0)} MiB")
+
+
+def describe_cache(cache) -> str:
+    if not cache:
+        return "nothing cached"
+    held = cache.get("ram_bytes", 0) + cache.get("disk_bytes", 0)
+    return f"cache {cache.get('rows', 0):,} rows, {fmt(held / 2**20, 0)} MiB ({fmt(cache.get('disk_bytes', 0) / 2**20, 0)} on disk)"
 
 
 def summary(results: dict) -> str:
@@ -322,6 +377,21 @@ def write_markdown(results: dict, path: Path) -> None:
                        f"{fmt(entry['peak_rss_bytes'] / 2**20, 0)} MiB | {fmt(entry.get('other_processes_mean_cores'))} |")
     if not results.get("sst"):
         out.append("| — | not measured yet (`--only sst`) | | | |")
+    out += ["", f"## SST runs ({SST_TRAIN['sentences']:,} sentences a epoch, random gpt2 weights, the machine's "
+            "precision)", "",
+            "Training seconds of each epoch (evaluation excluded): epochs after the first reuse what the frozen-part "
+            "cache holds (tasks/feature_cache.py). Measured with `python bench/run.py --only sst-run`.", "",
+            "| run | epoch seconds | run seconds | cache | peak RSS | load |", "|---|---|---|---|---|---|"]
+    for name, entry in results.get("sst_run", {}).items():
+        if "epoch_seconds" not in entry:
+            out.append(f"| {name} | {describe_sst_run(entry)} | | | | |")
+            continue
+        partial = "" if entry.get("train_examples", "all") == "all" else f" ({entry['train_examples']} sentences only)"
+        out.append(f"| {name} | {' / '.join(fmt(x, 1) for x in entry['epoch_seconds'])}{partial} | "
+                   f"{fmt(entry.get('run_seconds'), 1)} | {describe_cache(entry.get('cache'))} | "
+                   f"{fmt(entry.get('peak_rss_bytes', 0) / 2**20, 0)} MiB | {fmt(entry.get('other_processes_mean_cores'))} |")
+    if not results.get("sst_run"):
+        out.append("| — | not measured yet (`--only sst-run`) | | | | |")
     notes = [f"- {method}: {entry[key]}" for method, entry in results.get("sst", {}).items()
              for key in entry if key.endswith("_note")]
     out += [""] + notes if notes else []
@@ -333,6 +403,11 @@ def write_markdown(results: dict, path: Path) -> None:
 def bound_notes(results: dict) -> list[str]:
     notes = []
     for name, b in results.get("bounds", {}).items():
+        if name == "sst_later_epoch_fraction_loreft-top4":
+            notes.append(f"- {name}: {b['formula']}: at least {fmt(b['flop_fraction'])} of the first epoch's FLOPs, "
+                         "so the 0.25 target needs the last-position variant (`--layers 8,9,10,11 --positions l1`, "
+                         "whose later epochs run the last token only).")
+            continue
         if name == "sst_epoch_seconds_loreft":
             notes.append(
                 f"- {name}: {b['formula']}: {fmt(b['forward_only_seconds_at_peak'], 0)} s for the forward pass alone "

@@ -33,12 +33,24 @@ sys.path.insert(0, str(ROOT))  # the project itself (data.atomic, models, ...)
 import common  # noqa: E402
 import report  # noqa: E402
 
-GROUPS = ("peak", "forward", "step", "generate", "sst")
+GROUPS = ("peak", "forward", "step", "generate", "sst", "sst-run")
 DEFAULT_PEERS_PYTHON = BENCH / ".venv-peers" / "bin" / "python"
 SST_METHODS = ("full", "lora", "reft", "loreft")
 # Options beyond each method's defaults, matching the training-step benchmark: LoReFT rank 4 on all 12 layers
 # at the last position (its default, f1+l1, also edits the first token).
 SST_METHOD_FLAGS = {"loreft": ["--positions", "l1"]}
+# The multi-epoch SST runs (group sst-run): name -> train_sentiment.py's method flags. Epochs after the first show
+# what the frozen-part cache saves (tasks/feature_cache.py): the head alone for last-linear-layer, the top four
+# layers for loreft-top4, the last token for last-position LoReFT; full fine-tuning and LoRA on every layer
+# cache nothing.
+SST_RUNS = {
+    "full": ["--method", "full"],
+    "last-linear-layer": ["--method", "last-linear-layer"],
+    "lora": ["--method", "lora"],
+    "loreft": ["--method", "loreft", "--positions", "l1"],
+    "loreft-top4": ["--method", "loreft", "--layers", "8,9,10,11"],
+}
+SST_RUN_EPOCHS = 3
 
 
 def machine_busy_seconds() -> float:
@@ -204,19 +216,52 @@ def sst_epoch(method: str, weights: str, data_dir: Path, tokenizer: Path, work: 
               max_examples: int | None = None) -> dict:
     """One SST training epoch through the project's own training script, in a fresh process so that its
     peak memory is the method's own."""
+    result = train_sentiment(f"sst-{method}", ["--method", method, *SST_METHOD_FLAGS.get(method, [])], 1, weights,
+                             data_dir, tokenizer, work, threads, max_examples)
+    if "log" in result:
+        result.update(epoch_seconds_from_log(result.pop("log")))
+    return result
+
+
+def sst_run(name: str, weights: str, data_dir: Path, tokenizer: Path, work: Path, threads: int,
+            max_examples: int | None = None, epochs: int = SST_RUN_EPOCHS) -> dict:
+    """A multi-epoch SST run (SST_RUNS[name]) through the training script: each epoch's training seconds, the
+    whole run's, and what the frozen-part cache held (from the run's log.json)."""
+    result = train_sentiment(f"sst-run-{name}", SST_RUNS[name], epochs, weights, data_dir, tokenizer, work, threads,
+                             max_examples)
+    log = result.pop("log", None)
+    if log is None:
+        return result
+    try:
+        content = json.loads(log.read_text())
+        result["epoch_seconds"] = [entry["train_seconds"] for entry in content["epochs"]]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
+        result["log_error"] = f"{log}: {error}"
+        return result
+    result["run_seconds"] = sum(result["epoch_seconds"])
+    result["precision"] = content.get("precision")
+    result["cache"] = content.get("cache")
+    return result
+
+
+def train_sentiment(name: str, method_flags: list[str], epochs: int, weights: str, data_dir: Path, tokenizer: Path,
+                    work: Path, threads: int, max_examples: int | None) -> dict:
+    """Runs train_sentiment.py on SST in a fresh process at the machine's best precision (--precision auto);
+    returns the wall seconds, the peak RSS, the command and the path of its log.json (under "log"), or an error."""
     script = ROOT / "train_sentiment.py"
     if not script.is_file():
         return {"not_measured": "train_sentiment.py (the task training code) is not in the repository yet"}
     if not (data_dir / "ids-sst-train.csv").is_file():
         return {"not_measured": f"SST data not found in {data_dir}"}
-    output_dir = work / f"sst-{method}"
+    output_dir = work / name
     command = [
         sys.executable, str(script), "--task", "sst", "--model", weights, "--tokenizer", str(tokenizer),
         "--data-dir", str(data_dir), "--output-dir", str(output_dir), "--predictions-dir", str(work / "predictions"),
-        "--method", method, *SST_METHOD_FLAGS.get(method, []), "--epochs", "1", "--precision", "bf16", "--max-eval-examples", "64", "--seed", "0",
+        *method_flags, "--epochs", str(epochs), "--precision", "auto", "--max-eval-examples", "64", "--seed", "0",
+        "--threads", str(threads), "--overwrite",
     ] + (["--max-train-examples", str(max_examples)] if max_examples else [])
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1")
-    log_path = work / f"sst-{method}.log"
+    log_path = work / f"{name}.log"
     start = datetime.datetime.now()
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -226,11 +271,11 @@ def sst_epoch(method: str, weights: str, data_dir: Path, tokenizer: Path, work: 
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
         return {"error": f"train_sentiment.py exited with {os.waitstatus_to_exitcode(status)}:\n{tail}",
                 "command": " ".join(command)}
-    result = {"wall_seconds": wall, "peak_rss_bytes": usage.ru_maxrss * 1024, "command": " ".join(command),
-              "measured_at": now(), "train_examples": max_examples or "all"}
-    result.update(epoch_seconds_from_log(output_dir / "log.json"))
-    shutil.rmtree(output_dir, ignore_errors=True)  # checkpoints of a random model: nothing worth keeping
-    return result
+    saved = work / f"{name}-log.json"  # the run directory goes (checkpoints of a random model), its log stays
+    shutil.copyfile(output_dir / "log.json", saved)
+    shutil.rmtree(output_dir, ignore_errors=True)
+    return {"wall_seconds": wall, "peak_rss_bytes": usage.ru_maxrss * 1024, "command": " ".join(command),
+            "measured_at": now(), "train_examples": max_examples or "all", "log": saved}
 
 
 def epoch_seconds_from_log(path: Path) -> dict:
@@ -259,6 +304,9 @@ def parse_args(argv=None):
     parser.add_argument("--peers-python", default=str(DEFAULT_PEERS_PYTHON), help="python of the peers' venv")
     parser.add_argument("--no-peers", action="store_true", help="measure ours only: replaces the figures it measures, without peer figures or ratios")
     parser.add_argument("--sst-methods", default=",".join(SST_METHODS), help="methods for the SST epochs")
+    parser.add_argument("--sst-runs", default=",".join(SST_RUNS),
+                        help=f"the multi-epoch SST runs of group sst-run, among {', '.join(SST_RUNS)}")
+    parser.add_argument("--sst-run-epochs", type=int, default=SST_RUN_EPOCHS, help="epochs of each sst-run run")
     parser.add_argument("--sst-examples", type=int, default=None,
                         help="train the SST epochs on the first N sentences only (a smoke test: such partial "
                         "epochs are reported but not held against the target)")
@@ -276,13 +324,17 @@ def parse_args(argv=None):
         if unknown:
             parser.error(f"--only: unknown groups {sorted(unknown)}; choose among {', '.join(GROUPS)}")
     else:
-        groups = set(GROUPS) - ({"sst"} if args.quick else set())
+        groups = set(GROUPS) - ({"sst", "sst-run"} if args.quick else set())
     args.groups = groups
     args.repeats = args.repeats or (3 if args.quick else 7)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
-    if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
-        parser.error("--repeats and --threads must be >= 1, --warmup >= 0")
-    if not args.no_peers and groups - {"peak", "sst"} and not Path(args.peers_python).exists():
+    if args.repeats < 1 or args.warmup < 0 or args.threads < 1 or args.sst_run_epochs < 1:
+        parser.error("--repeats, --threads and --sst-run-epochs must be >= 1, --warmup >= 0")
+    args.sst_runs = [name.strip() for name in args.sst_runs.split(",") if name.strip()]
+    unknown = sorted(set(args.sst_runs) - set(SST_RUNS))
+    if unknown:
+        parser.error(f"--sst-runs: unknown runs {unknown}; choose among {', '.join(SST_RUNS)}")
+    if not args.no_peers and groups - {"peak", "sst", "sst-run"} and not Path(args.peers_python).exists():
         parser.error(f"--peers-python {args.peers_python} does not exist: set up the peers' venv as bench/README.md "
                      "says, or pass --no-peers")
     return args
@@ -290,10 +342,10 @@ def parse_args(argv=None):
 
 def load_results(path: Path, fresh: bool) -> dict:
     if fresh or not path.is_file():
-        return {"figures": {}, "sst": {}}
+        return {"figures": {}, "sst": {}, "sst_run": {}}
     results = json.loads(path.read_text())
-    results.setdefault("figures", {})
-    results.setdefault("sst", {})
+    for key in ("figures", "sst", "sst_run"):
+        results.setdefault(key, {})
     return results
 
 
@@ -318,10 +370,10 @@ def main(argv=None) -> None:
             "weights": "random gpt2-shaped weights (124M), exported by ours and loaded by both sides",
         }
         results.setdefault("versions", {})["ours"] = {"torch": results["machine"]["torch"]}
-        need_weights = args.groups & {"forward", "step", "generate", "sst"}
+        need_weights = args.groups & {"forward", "step", "generate", "sst", "sst-run"}
         if need_weights:
             ours.request(op="call", name="export_weights", options={"directory": weights})
-        if not args.no_peers and args.groups - {"peak", "sst"}:
+        if not args.no_peers and args.groups - {"peak", "sst", "sst-run"}:
             peer = Worker("peers", args.peers_python, BENCH / "peers.py", args.threads, work)
             results["versions"]["peers"] = peer.request(op="call", name="versions")["result"]
         peaks = []
@@ -356,8 +408,23 @@ def main(argv=None) -> None:
             others = (machine_busy_seconds() - before[1]) - (own_cpu_seconds() - before[2])
             results["sst"][method]["other_processes_mean_cores"] = round(max(others, 0.0) / wall, 2)
             print(f"  sst epoch, {method}: {report.describe_sst(results['sst'][method])}", flush=True)
+    if "sst-run" in args.groups:
+        measure_sst_runs(results, args, weights, work)
     shutil.rmtree(work / "weights", ignore_errors=True)  # 500 MB; the logs stay for a post-mortem
     write_report(results, results_path)
+
+
+def measure_sst_runs(results: dict, args, weights: str, work: Path) -> None:
+    for name in args.sst_runs:
+        print(f"  sst run, {name} ({args.sst_run_epochs} epochs) ...", flush=True)
+        before = (time.monotonic(), machine_busy_seconds(), own_cpu_seconds())
+        entry = sst_run(name, weights, Path(args.data_dir), Path(args.tokenizer), work, args.threads,
+                        args.sst_examples, args.sst_run_epochs)
+        wall = time.monotonic() - before[0]
+        others = (machine_busy_seconds() - before[1]) - (own_cpu_seconds() - before[2])
+        entry["other_processes_mean_cores"] = round(max(others, 0.0) / wall, 2)
+        results["sst_run"][name] = entry
+        print(f"  sst run, {name}: {report.describe_sst_run(entry)}", flush=True)
 
 
 def write_report(results: dict, results_path: Path) -> None:

@@ -1,0 +1,73 @@
+"""bench/: the multi-epoch SST runs (group sst-run) on a tiny budget, and the figures and targets the report
+derives from them. The benchmark's own timings are never asserted (no timed assertions)."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench_module(name: str):
+    sys.path.insert(0, str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench_run, report = bench_module("run"), bench_module("report")
+
+
+def full_run(epochs):
+    return {"epoch_seconds": epochs, "run_seconds": sum(epochs), "train_examples": "all", "precision": "bf16",
+            "peak_rss_bytes": 2**30, "cache": {"rows": 9645, "ram_bytes": 2**20, "disk_bytes": 0}}
+
+
+def test_the_report_derives_the_run_figures_and_holds_full_runs_to_the_targets(tmp_path):
+    results = {"figures": {}, "sst": {}, "sst_run": {
+        "last-linear-layer": full_run([120.0, 3.5, 4.0]),
+        "loreft-top4": full_run([200.0, 100.0, 90.0]),
+        "loreft": full_run([240.0, 60.0, 50.0]),
+        "lora": {**full_run([30.0, 29.0]), "train_examples": 100},  # a smoke test: no target
+    }}
+    report.derive(results)
+    figures = results["sst_summary"]
+    assert figures["sst_run_seconds_last-linear-layer"] == pytest.approx(127.5)
+    assert figures["sst_later_epoch_seconds_last-linear-layer"] == 4.0
+    assert figures["sst_later_epoch_fraction_loreft-top4"] == pytest.approx(0.5)
+    assert figures["sst_run_over_first_epoch_loreft"] == pytest.approx(350 / 240)
+    assert figures["sst_partial_run_seconds_lora"] == 59.0 and "sst_run_seconds_lora" not in figures
+    met = {t["name"]: t["met"] for t in results["targets"]}
+    assert met["sst_later_epoch_seconds_last-linear-layer"] is True
+    assert met["sst_later_epoch_fraction_loreft-top4"] is False
+    assert met["sst_run_over_first_epoch_loreft"] is True
+    report.write_markdown(results, tmp_path / "RESULTS.md")
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "| last-linear-layer | 120.0 / 3.5 / 4.0 | 127.5 | cache 9,645 rows, 1 MiB (0 on disk) |" in text
+    assert "| lora | 30.0 / 29.0 (100 sentences only) |" in text
+    assert "sst_later_epoch_fraction_loreft-top4: LoReFT's default positions" in text
+
+
+def test_unknown_runs_are_refused_naming_the_flag(capsys):
+    with pytest.raises(SystemExit):
+        bench_run.parse_args(["--only", "sst-run", "--sst-runs", "lora,nope"])
+    assert "--sst-runs: unknown runs ['nope']" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # a training run in a fresh process
+def test_an_sst_run_on_a_tiny_budget_reports_every_epoch_and_the_cache(tmp_path, task_files):
+    """The command `bench/run.py --only sst-run` runs for each method, on 8 sentences and a tiny model."""
+    entry = bench_run.sst_run("last-linear-layer", task_files.model, task_files.data, task_files.tokenizer, tmp_path,
+                              threads=1, max_examples=8, epochs=2)
+    assert "error" not in entry, entry.get("error")
+    assert len(entry["epoch_seconds"]) == 2 and entry["run_seconds"] == pytest.approx(sum(entry["epoch_seconds"]))
+    assert entry["train_examples"] == 8 and entry["precision"] in ("fp32", "bf16") and entry["peak_rss_bytes"] > 0
+    assert entry["cache"]["rows"] >= 8 and entry["cache"]["boundary"] > 2  # the tiny model has 2 layers: features
+    assert "--precision auto" in entry["command"] and "--epochs 2" in entry["command"]
+    assert (tmp_path / "sst-run-last-linear-layer-log.json").is_file()
+    assert not (tmp_path / "sst-run-last-linear-layer").exists()
+    assert "epochs (8 sentences only)" in report.describe_sst_run(entry)
