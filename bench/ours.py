@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 import common  # noqa: E402  (bench/ is sys.path[0] when this file is run)
 from models.generation import SamplingConfig, generate  # noqa: E402
-from models.gpt2 import GPT2Model  # noqa: E402
+from models.gpt2 import GPT2Model, resolve_precision  # noqa: E402
 
 
 def load_model(weights: str) -> GPT2Model:
@@ -89,9 +89,14 @@ def method_config(method: str):
     return MethodConfig(method)
 
 
-def train_step_case(weights: str, method: str, plain: bool = False) -> common.Case:
+def best_precision() -> str:
+    """What `--precision auto` picks on this machine: bf16 only where the CPU has bf16 instructions."""
+    return resolve_precision("auto", torch.device("cpu"))
+
+
+def train_step_case(weights: str, method: str, plain: bool = False, precision: str = "bf16") -> common.Case:
     """One step of sentiment training as the trainer runs it: the task's LastTokenClassifier (GPT-2 + a Linear head
-    on the last token; the model picks its cheaper last-token path where that is exact), bf16, our AdamW.
+    on the last token; the model picks its cheaper last-token path where that is exact), `precision`, our AdamW.
     `plain` reads the last token off the full forward pass instead, to measure what that path saves."""
     from models.peft import apply_method, parameter_summary
     from tasks.classification import LastTokenClassifier
@@ -99,7 +104,7 @@ def train_step_case(weights: str, method: str, plain: bool = False) -> common.Ca
     gpt = load_model(weights)
     apply_method(gpt, method_config(method))
     model = LastTokenClassifier(gpt, common.NUM_LABELS)
-    gpt.set_precision("bf16")
+    gpt.set_precision(precision)
     model.train()
     forward = (lambda ids, mask: model.head(gpt(ids, mask)["last_token"].float())) if plain else model
     params = [p for p in model.parameters() if p.requires_grad]
@@ -128,6 +133,7 @@ def train_step_case(weights: str, method: str, plain: bool = False) -> common.Ca
         "head_parameters": head_parameters,
         "total_parameters": parameter_summary(gpt)["total"] + head_parameters,
         "optimizer": optimizer_name,
+        "precision": precision,
     })
 
 
@@ -144,6 +150,7 @@ CASES = {
     "memory_bandwidth": common.memory_bandwidth,
     "gemv_stream": common.gemv_stream,
     "machine": common.machine_description,
+    "best_precision": best_precision,
 }
 
 if __name__ == "__main__":

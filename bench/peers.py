@@ -77,9 +77,10 @@ def reft_locations(batch: int, length: int, layers: int) -> dict:
     return {"sources->base": (None, [[[length - 1]] * batch] * layers)}
 
 
-def train_step_case(weights: str, method: str) -> common.Case:
+def train_step_case(weights: str, method: str, precision: str = "bf16") -> common.Case:
     """One step of sentiment training with each library's own recipe: GPT-2 + a Linear head on the last
-    token, bf16 autocast, torch AdamW over what the library leaves trainable plus the head."""
+    token, bf16 autocast (fp32 with `precision` fp32), torch AdamW over what the library leaves trainable plus the
+    head."""
     from transformers import GPT2Model
 
     gpt = GPT2Model.from_pretrained(weights)
@@ -87,7 +88,7 @@ def train_step_case(weights: str, method: str) -> common.Case:
     ids = common.token_batch(*common.STEP_SHAPE)
     labels = common.label_batch(common.STEP_SHAPE[0])
     mask = torch.ones_like(ids)
-    info = {"method": method}
+    info = {"method": method, "precision": precision}
 
     if method == "full":
         gpt.train()
@@ -135,7 +136,7 @@ def train_step_case(weights: str, method: str) -> common.Case:
     optimizer = torch.optim.AdamW(params, lr=common.LEARNING_RATE, weight_decay=0.0)
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with precision_context(precision):
             logits = head(hidden()[:, -1])
         loss = F.cross_entropy(logits.float(), labels)
         loss.backward()
@@ -147,7 +148,7 @@ def train_step_case(weights: str, method: str) -> common.Case:
     info["head_parameters"] = sum(p.numel() for p in head.parameters())
     info["optimizer"] = "torch.optim.AdamW"
     # The check that the head and the method's parameters really train: every one gets a gradient.
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with precision_context(precision):
         F.cross_entropy(head(hidden()[:, -1]).float(), labels).backward()
     info["parameters_without_gradient"] = sum(p.numel() for p in params if p.grad is None)
     optimizer.zero_grad(set_to_none=True)

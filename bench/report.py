@@ -10,11 +10,11 @@ from data.atomic import atomic_write
 
 # name -> (what it is, target, "min" when the figure must reach the target, "max" when it must stay under)
 TARGETS = {
-    "forward_vs_transformers": ("forward tokens/s, ours at its best vs transformers under bf16 autocast", 2.0, "min"),
+    "forward_vs_transformers": ("forward tokens/s, each side at its best precision", 2.0, "min"),
     "lora_step_vs_peft": ("LoRA r=8 training step tokens/s vs peft", 3.0, "min"),
     "loreft_step_vs_pyreft": ("LoReFT r=4 training step tokens/s vs pyreft", 3.0, "min"),
     "generate_vs_transformers": ("new tokens/s vs transformers generate (worse of batch 1 and 8)", 1.5, "min"),
-    "forward_mfu": ("forward FLOP/s / bf16 matmul peak", 0.5, "min"),
+    "forward_mfu": ("forward FLOP/s / the matmul peak of the machine's precision", 0.5, "min"),
     "sst_epoch_seconds_loreft": ("one SST epoch with LoReFT, seconds", 60.0, "max"),
     "sst_later_epoch_seconds_last-linear-layer": ("slowest SST epoch after the first, last-linear-layer, seconds",
                                                   5.0, "max"),
@@ -63,7 +63,7 @@ def derive(results: dict) -> None:
     """Fills results['ratios'], ['mfu'], ['targets'] and ['bounds'] from the figures measured so far."""
     ratios, mfu, bounds = {}, {}, {}
     ours_fwd, ours_fwd_name = best_rate(results, ["forward_bf16", "forward_fp32"], "ours")
-    ratios["forward_vs_transformers"] = ratio(ours_fwd, rate(results, "forward_bf16", "peer"))
+    ratios["forward_vs_transformers"] = ratio(ours_fwd, best_rate(results, ["forward_bf16", "forward_fp32"], "peer")[0])
     ratios["forward_fp32_vs_transformers"] = ratio(rate(results, "forward_fp32", "ours"),
                                                    rate(results, "forward_fp32", "peer"))
     ratios["full_step_vs_transformers"] = ratio(rate(results, "step_full", "ours"), rate(results, "step_full", "peer"))
@@ -77,12 +77,14 @@ def derive(results: dict) -> None:
         per_batch.append(value)
     ratios["generate_vs_transformers"] = min(per_batch) if None not in per_batch else None
 
-    peak = results.get("matmul_peak", {}).get("bf16", {}).get("flops_per_s")
+    precision = best_precision(results)
+    peak = results.get("matmul_peak", {}).get(precision, {}).get("flops_per_s")
     length = common.FORWARD_SHAPE[1]
     fwd_flops = forward_flops_per_token(length)
     if peak:
         mfu["forward_mfu"] = ours_fwd * fwd_flops / peak if ours_fwd else None
-        mfu["forward_mfu_transformers_bf16"] = (rate(results, "forward_bf16", "peer") or 0) * fwd_flops / peak or None
+        mfu[f"forward_mfu_transformers_{precision}"] = \
+            (rate(results, f"forward_{precision}", "peer") or 0) * fwd_flops / peak or None
         for method in ("full", "lora", "loreft"):
             for side in ("ours", "peer"):
                 value = rate(results, f"step_{method}", side)
@@ -107,16 +109,17 @@ def derive(results: dict) -> None:
     if peak:
         bounds.update(flop_bounds(results, peak, fwd_flops))
     # Decoding at batch 1 streams every weight once per token: bf16 weights, with the LM head (tied wte).
-    weight_bytes = 2 * (GPT2["params_matmul"] + GPT2["vocab"] * GPT2["d"])
+    weight_bytes = (2 if precision == "bf16" else 4) * (GPT2["params_matmul"] + GPT2["vocab"] * GPT2["d"])
     peer_b1 = best_rate(results, ["generate_b1_bf16", "generate_b1_fp32"], "peer")[0]
-    for key, what in (("gemv_stream", "the rate bf16 matrix-vector products stream weights here"),
+    for key, what in (("gemv_stream", f"the rate {precision} matrix-vector products stream weights here"),
                       ("memory_bandwidth", "the memory copy bandwidth")):
         rate_bytes = results.get(key, {}).get("bytes_per_s")
         if rate_bytes:
             bounds[f"generate_b1_{key}"] = {
                 "ceiling_new_tokens_per_s": rate_bytes / weight_bytes,
                 "ceiling_ratio_vs_peer": ratio(rate_bytes / weight_bytes, peer_b1),
-                "formula": f"{what} / bytes of the bf16 weights read per step (2 * (85M blocks + 38.6M LM head))",
+                "formula": f"{what} / bytes of the {precision} weights read per step "
+                           f"({2 if precision == 'bf16' else 4} * (85M blocks + 38.6M LM head))",
             }
     if peak:
         bounds["sst_epoch_seconds_loreft"] = {
@@ -153,6 +156,12 @@ def derive(results: dict) -> None:
 # An epoch after the first of LoReFT (f1+l1) on the top four layers, in layer-passes: (4 forward + 4 backward) /
 # (12 forward + 4 backward) of the first. The FLOPs' floor for sst_later_epoch_fraction_loreft-top4.
 TOP4_LATER_EPOCH_FLOP_FRACTION = (4 + 4) / (12 + 4)
+
+
+def best_precision(results: dict) -> str:
+    """The precision `--precision auto` picks on the measured machine (bf16 for results from before it was
+    recorded): every MFU and bound is against that precision's matmul peak."""
+    return results.get("machine", {}).get("best_precision", "bf16")
 
 
 def sst_run_figures(runs: dict) -> dict:
@@ -208,11 +217,12 @@ def cross_checks(results: dict) -> dict:
 
 
 def flop_bounds(results: dict, peak: float, fwd_flops: float) -> dict:
-    """For each throughput target: the ratio ours would reach at 100% of the measured bf16 matmul peak, and the
-    MFU ours needs to meet the target. A ceiling below the target means no implementation can meet it here."""
+    """For each throughput target: the ratio ours would reach at 100% of the measured matmul peak (of the machine's
+    precision), and the MFU ours needs to meet the target. A ceiling below the target means no implementation can
+    meet it here."""
     out = {}
     for name, figure, method in (
-        ("forward_vs_transformers", "forward_bf16", None),
+        ("forward_vs_transformers", f"forward_{best_precision(results)}", None),
         ("lora_step_vs_peft", "step_lora", "lora"),
         ("loreft_step_vs_pyreft", "step_loreft", "loreft"),
         ("full_step_vs_transformers", "step_full", "full"),
@@ -320,12 +330,17 @@ def write_markdown(results: dict, path: Path) -> None:
         f"- last run: {m.get('date', '?')} (each figure below records its own date, repeats and warmup in "
         "results.json)",
     ]
-    peak = results.get("matmul_peak")
+    peak = {dtype: entry for dtype, entry in results.get("matmul_peak", {}).items() if isinstance(entry, dict)}
     if peak:
-        out.append(f"- matmul peak (best GEMM of {', '.join(peak['bf16']['per_shape'])}): bf16 "
-                   f"{fmt(peak['bf16']['flops_per_s'] / 1e9, 0)} GFLOP/s, fp32 {fmt(peak['fp32']['flops_per_s'] / 1e9, 0)} GFLOP/s")
+        shapes = next(iter(peak.values()))["per_shape"]
+        out.append(f"- matmul peak (best GEMM of {', '.join(shapes)}): "
+                   + ", ".join(f"{dtype} {fmt(entry['flops_per_s'] / 1e9, 0)} GFLOP/s" for dtype, entry in peak.items()))
+    out.append(f"- precision: {best_precision(results)}, what `--precision auto` picks here; both sides train at it")
+    for precision, why in results.get("skipped", {}).items():
+        out.append(f"- {precision} figures skipped: {why}")
     if results.get("gemv_stream"):
-        out.append(f"- bf16 matrix-vector streaming rate (batch-1 decoding's matmuls, weights beyond the caches): "
+        dtype = {"bfloat16": "bf16", "float32": "fp32"}.get(results["gemv_stream"].get("dtype"), "bf16")
+        out.append(f"- {dtype} matrix-vector streaming rate (batch-1 decoding's matmuls, weights beyond the caches): "
                    f"{fmt(results['gemv_stream']['bytes_per_s'] / 1e9, 1)} GB/s")
     if results.get("memory_bandwidth"):
         out.append(f"- memory copy bandwidth: {fmt(results['memory_bandwidth']['bytes_per_s'] / 1e9, 1)} GB/s")
@@ -363,10 +378,10 @@ def write_markdown(results: dict, path: Path) -> None:
         out.append(f"| {FIGURE_LABELS.get(name, name)} | {cells[0]} | {cells[1]} | {entry.get('unit', '?')}/s | "
                    f"{fmt(entry.get('other_processes_mean_cores'))} | {entry.get('measured_at', '?')} |")
     if results["mfu"]:
-        out += ["", "## Model FLOP utilisation (of the bf16 matmul peak)", ""]
+        out += ["", f"## Model FLOP utilisation (of the {best_precision(results)} matmul peak)", ""]
         out += [f"- {name}: {fmt(100 * value if value else None, 1, '%')}" for name, value in results["mfu"].items()]
         out += ["", results["flop_formula"]]
-    out += ["", "## SST epochs (8,544 sentences, random gpt2 weights, bf16)", "",
+    out += ["", "## SST epochs (8,544 sentences, random gpt2 weights, the machine's precision)", "",
             "| method | epoch seconds | whole run seconds | peak RSS | load |", "|---|---|---|---|---|"]
     for method, entry in results.get("sst", {}).items():
         if "not_measured" in entry or "error" in entry:
@@ -377,7 +392,7 @@ def write_markdown(results: dict, path: Path) -> None:
                        f"{fmt(entry['peak_rss_bytes'] / 2**20, 0)} MiB | {fmt(entry.get('other_processes_mean_cores'))} |")
     if not results.get("sst"):
         out.append("| — | not measured yet (`--only sst`) | | | |")
-    out += ["", f"## SST runs ({SST_TRAIN['sentences']:,} sentences a epoch, random gpt2 weights, the machine's "
+    out += ["", f"## SST runs ({SST_TRAIN['sentences']:,} sentences an epoch, random gpt2 weights, the machine's "
             "precision)", "",
             "Training seconds of each epoch (evaluation excluded): epochs after the first reuse what the frozen-part "
             "cache holds (tasks/feature_cache.py). Measured with `python bench/run.py --only sst-run`.", "",
@@ -411,7 +426,7 @@ def bound_notes(results: dict) -> list[str]:
         if name == "sst_epoch_seconds_loreft":
             notes.append(
                 f"- {name}: {b['formula']}: {fmt(b['forward_only_seconds_at_peak'], 0)} s for the forward pass alone "
-                f"at 100% of the bf16 matmul peak, {fmt(b['full_step_seconds_at_peak'], 0)} s for LoReFT steps with "
+                f"at 100% of the matmul peak, {fmt(b['full_step_seconds_at_peak'], 0)} s for LoReFT steps with "
                 "plain autograd. Every training token must pass forward through all 12 layers once (the intervention "
                 "on layer 0 rules out reusing frozen layers' outputs), so the 60 s target is out of reach on this "
                 "machine for the gpt2 shape, whatever the implementation; the gradient-free prefix (ours) brings an "
@@ -425,7 +440,7 @@ def bound_notes(results: dict) -> list[str]:
             continue
         target = TARGETS.get(name, (None, None))[1]
         work = "our recipe's FLOPs (fewer than the peer's)" if b.get("fewer_flops_than_peer") else "the same FLOPs as the peer"
-        line = (f"- {name}: doing {work}, at 100% of the bf16 matmul peak, ours would reach "
+        line = (f"- {name}: doing {work}, at 100% of the {best_precision(results)} matmul peak, ours would reach "
                 f"{fmt(b['ceiling_tokens_per_s'], 0)} tokens/s = {fmt(b['ceiling_ratio_vs_peer'])}x the peer, which "
                 f"already runs at {fmt(100 * b['peer_mfu'], 1)}% MFU.")
         if target:

@@ -160,24 +160,31 @@ def summarize(runs: list[dict]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- comparisons
-def comparisons(weights: str, groups: set[str]) -> list[dict]:
-    """Pairs measured side by side: a name, the group, and (case, options) for ours and for the peer."""
+def precisions_for(best: str) -> tuple[str, ...]:
+    """The precisions worth measuring on a machine whose `--precision auto` is `best`: bf16 only where the CPU runs
+    it natively (emulated, a bf16 matmul runs ~100x slower than fp32, a figure no user should take)."""
+    return ("fp32", "bf16") if best == "bf16" else ("fp32",)
+
+
+def comparisons(weights: str, groups: set[str], best: str = "bf16") -> list[dict]:
+    """Pairs measured side by side: a name, the group, and (case, options) for ours and for the peer. Training
+    steps run at the machine's best precision `best`, on both sides."""
     pairs = []
     if "forward" in groups:
-        for precision in ("fp32", "bf16"):
+        for precision in precisions_for(best):
             options = {"weights": weights, "precision": precision}
             pairs.append({"name": f"forward_{precision}", "group": "forward", "unit": "tokens",
                           "ours": ("forward", options), "peer": ("forward", options)})
     if "step" in groups:
         for method in ("full", "lora", "loreft"):
-            options = {"weights": weights, "method": method}
+            options = {"weights": weights, "method": method, "precision": best}
             pairs.append({"name": f"step_{method}", "group": "step", "unit": "tokens",
                           "ours": ("train_step", options), "peer": ("train_step", options)})
     if "generate" in groups:
         # The peer at its faster precision is the bar: at batch 1 transformers is often faster in fp32
         # than under autocast, which re-casts every weight at every step.
         for batch in (1, 8):
-            for precision in ("bf16", "fp32"):
+            for precision in precisions_for(best):
                 options = {"weights": weights, "precision": precision, "batch": batch}
                 pairs.append({"name": f"generate_b{batch}_{precision}", "group": "generate", "unit": "new tokens",
                               "ours": ("generate", options), "peer": ("generate", options)})
@@ -334,7 +341,8 @@ def parse_args(argv=None):
     unknown = sorted(set(args.sst_runs) - set(SST_RUNS))
     if unknown:
         parser.error(f"--sst-runs: unknown runs {unknown}; choose among {', '.join(SST_RUNS)}")
-    if not args.no_peers and groups - {"peak", "sst", "sst-run"} and not Path(args.peers_python).exists():
+    if not (args.no_peers or args.report_only) and groups - {"peak", "sst", "sst-run"} \
+            and not Path(args.peers_python).exists():
         parser.error(f"--peers-python {args.peers_python} does not exist: set up the peers' venv as bench/README.md "
                      "says, or pass --no-peers")
     return args
@@ -363,6 +371,8 @@ def main(argv=None) -> None:
     peer = None
     try:
         results["machine"] = ours.request(op="call", name="machine")["result"]
+        best = results["machine"]["best_precision"] = ours.request(op="call", name="best_precision")["result"]
+        note_skipped_precisions(results, best)
         results["settings"] = {
             "repeats": args.repeats, "warmup": args.warmup, "threads": args.threads,
             "forward_shape": common.FORWARD_SHAPE, "step_shape": common.STEP_SHAPE,
@@ -378,8 +388,8 @@ def main(argv=None) -> None:
             results["versions"]["peers"] = peer.request(op="call", name="versions")["result"]
         peaks = []
         if args.groups & {"peak", "forward"}:  # MFU needs the peak of this same run
-            peaks.append(measure_peak(ours))
-        for pair in comparisons(weights, args.groups):
+            peaks.append(measure_peak(ours, best))
+        for pair in comparisons(weights, args.groups, best):
             try:
                 results["figures"][pair["name"]] = measure_pair(pair, ours, peer, args.repeats, args.warmup)
             except WorkerError as error:  # a worker died: record it, restart it for the next pair
@@ -387,9 +397,9 @@ def main(argv=None) -> None:
                 results["figures"][pair["name"]] = {"error": str(error), "measured_at": now()}
                 ours, peer = restart(ours, peer, args, work)
         if peaks:
-            peaks.append(measure_peak(ours))  # before and after: the best is the machine's ceiling
+            peaks.append(measure_peak(ours, best))  # before and after: the best is the machine's ceiling
             results["matmul_peak"] = {
-                dtype: max((p[dtype] for p in peaks), key=lambda r: r["flops_per_s"]) for dtype in ("bf16", "fp32")
+                dtype: max((p[dtype] for p in peaks), key=lambda r: r["flops_per_s"]) for dtype in precisions_for(best)
             }
             results["matmul_peak"]["measured_at"] = now()
             results["memory_bandwidth"] = max((p["bandwidth"] for p in peaks), key=lambda r: r["bytes_per_s"])
@@ -435,15 +445,30 @@ def write_report(results: dict, results_path: Path) -> None:
     print(f"wrote {results_path} and {results_path.with_name('RESULTS.md')}")
 
 
-def measure_peak(ours: Worker) -> dict:
-    peaks = {dtype: ours.request(op="call", name="matmul_peak", options={"dtype": name})["result"]
-             for dtype, name in (("bf16", "bfloat16"), ("fp32", "float32"))}
+def measure_peak(ours: Worker, best: str = "bf16") -> dict:
+    """The GEMM peak of each precision worth measuring here, the copy bandwidth, and the rate matrix-vector
+    products stream weights in the best precision (what batch-1 decoding runs at)."""
+    names = {"bf16": "bfloat16", "fp32": "float32"}
+    peaks = {dtype: ours.request(op="call", name="matmul_peak", options={"dtype": names[dtype]})["result"]
+             for dtype in precisions_for(best)}
     peaks["bandwidth"] = ours.request(op="call", name="memory_bandwidth")["result"]
-    peaks["gemv"] = ours.request(op="call", name="gemv_stream")["result"]
-    print(f"  matmul peak: bf16 {peaks['bf16']['flops_per_s'] / 1e9:.0f}, fp32 {peaks['fp32']['flops_per_s'] / 1e9:.0f} "
-          f"GFLOP/s; copy bandwidth {peaks['bandwidth']['bytes_per_s'] / 1e9:.1f} GB/s; bf16 gemv streams "
-          f"{peaks['gemv']['bytes_per_s'] / 1e9:.1f} GB/s", flush=True)
+    peaks["gemv"] = ours.request(op="call", name="gemv_stream", options={"dtype_name": names[best]})["result"]
+    gemm = ", ".join(f"{dtype} {peaks[dtype]['flops_per_s'] / 1e9:.0f}" for dtype in precisions_for(best))
+    print(f"  matmul peak: {gemm} GFLOP/s; copy bandwidth {peaks['bandwidth']['bytes_per_s'] / 1e9:.1f} GB/s; {best} "
+          f"gemv streams {peaks['gemv']['bytes_per_s'] / 1e9:.1f} GB/s", flush=True)
     return peaks
+
+
+def note_skipped_precisions(results: dict, best: str) -> None:
+    """Where bf16 is emulated, its figures (kept from a run on another machine, say) go, with a note saying why."""
+    if best == "bf16":
+        results.pop("skipped", None)
+        return
+    results["skipped"] = {"bf16": "this CPU has no bf16 instructions (oneDNN emulates bf16, many times slower than "
+                                  "fp32), so --precision auto trains in fp32 here and the bench measures fp32 only"}
+    for name in [n for n in results["figures"] if n.endswith("_bf16")]:
+        del results["figures"][name]
+    results.get("matmul_peak", {}).pop("bf16", None)
 
 
 def restart(ours: Worker, peer: Worker | None, args, work: Path):

@@ -71,3 +71,34 @@ def test_an_sst_run_on_a_tiny_budget_reports_every_epoch_and_the_cache(tmp_path,
     assert (tmp_path / "sst-run-last-linear-layer-log.json").is_file()
     assert not (tmp_path / "sst-run-last-linear-layer").exists()
     assert "epochs (8 sentences only)" in report.describe_sst_run(entry)
+
+
+def test_where_bf16_is_emulated_the_bench_measures_fp32_only_and_says_so():
+    pairs = bench_run.comparisons("weights", {"forward", "step", "generate"}, best="fp32")
+    assert pairs and not [p["name"] for p in pairs if "bf16" in p["name"]]
+    assert {p["ours"][1]["precision"] for p in pairs if p["group"] == "step"} == {"fp32"}
+    native = bench_run.comparisons("weights", {"forward", "step", "generate"}, best="bf16")
+    assert {"forward_bf16", "generate_b1_bf16", "generate_b8_bf16"} <= {p["name"] for p in native}
+    assert {p["peer"][1]["precision"] for p in native if p["group"] == "step"} == {"bf16"}
+
+    results = {"figures": {"forward_bf16": {}, "forward_fp32": {}}, "sst": {}, "matmul_peak": {"bf16": {}, "fp32": {}}}
+    bench_run.note_skipped_precisions(results, "fp32")
+    assert set(results["figures"]) == {"forward_fp32"} and set(results["matmul_peak"]) == {"fp32"}
+    assert "no bf16 instructions" in results["skipped"]["bf16"]
+
+
+def test_mfu_is_against_the_peak_of_the_precision_used(tmp_path):
+    forward = {"ours": {"units_per_s_median": 500.0}, "peer": {"units_per_s_median": 400.0}}
+    peaks = {"bf16": {"flops_per_s": 400e9, "per_shape": {"a": 1}}, "fp32": {"flops_per_s": 200e9, "per_shape": {"a": 1}}}
+    per_token = report.forward_flops_per_token(bench_run.common.FORWARD_SHAPE[1])
+    for precision in ("fp32", "bf16"):
+        results = {"figures": {f"forward_{precision}": forward}, "sst": {}, "matmul_peak": peaks,
+                   "machine": {"best_precision": precision},
+                   "skipped": {} if precision == "bf16" else {"bf16": "emulated here"}}
+        report.derive(results)
+        assert results["mfu"]["forward_mfu"] == pytest.approx(500 * per_token / peaks[precision]["flops_per_s"])
+        assert results["ratios"]["forward_vs_transformers"] == pytest.approx(1.25)
+        report.write_markdown(results, tmp_path / "RESULTS.md")
+        text = (tmp_path / "RESULTS.md").read_text()
+        assert f"## Model FLOP utilisation (of the {precision} matmul peak)" in text
+        assert ("- bf16 figures skipped: emulated here" in text) == (precision == "fp32")
