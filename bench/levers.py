@@ -2,7 +2,7 @@
 the model in this process only, and all variants are timed round-robin (the fastest step of each is
 reported, since load from other processes only ever slows a step down).
 
-    python bench/levers.py forward            # bf16 inference, 8 x 128
+    python bench/levers.py forward            # inference at the machine's precision, 8 x 128
     python bench/levers.py step --method lora # training step, 8 x 64
     python bench/levers.py generate           # 128 new tokens, batch 1
 
@@ -126,11 +126,11 @@ def build(workload: str, weights: str, patches, method: str, batch: int) -> comm
     ours.load_model = patched_load
     try:
         if workload == "forward":
-            case = ours.forward_case(weights, "bf16")
+            case = ours.forward_case(weights, ours.best_precision())
         elif workload == "generate":
-            case = ours.generate_case(weights, "bf16", batch)
+            case = ours.generate_case(weights, ours.best_precision(), batch)
         else:
-            case = ours.train_step_case(weights, method)
+            case = ours.train_step_case(weights, method, precision=ours.best_precision())
     finally:
         ours.load_model = original
     return case

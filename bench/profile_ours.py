@@ -1,7 +1,7 @@
 """Where our time goes: torch.profiler over one benchmark workload of bench/ours.py, ops grouped by name and
 input shape, plus the share of wall time spent outside any op (Python and dispatch overhead).
 
-    python bench/profile_ours.py forward                 # bf16, 8 x 128
+    python bench/profile_ours.py forward                 # the machine's precision, 8 x 128
     python bench/profile_ours.py generate --batch 1      # 128 new tokens from 32
     python bench/profile_ours.py step --method loreft    # one training step, 8 x 64
 """
@@ -24,22 +24,24 @@ import ours  # noqa: E402
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("workload", choices=["forward", "generate", "step"])
-    parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="auto: bf16 where the CPU has bf16 instructions, else fp32 (as --precision auto trains)")
     parser.add_argument("--batch", type=int, default=1, help="generate: batch size")
     parser.add_argument("--method", default="loreft", help="step: full, lora or loreft")
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     common.set_threads(args.threads)
+    precision = ours.best_precision() if args.precision == "auto" else args.precision
 
     with tempfile.TemporaryDirectory() as weights:
         ours.export_weights(weights)
         if args.workload == "forward":
-            case = ours.forward_case(weights, args.precision)
+            case = ours.forward_case(weights, precision)
         elif args.workload == "generate":
-            case = ours.generate_case(weights, args.precision, args.batch)
+            case = ours.generate_case(weights, precision, args.batch)
         else:
-            case = ours.train_step_case(weights, args.method)
+            case = ours.train_step_case(weights, args.method, precision=precision)
     case.step()  # warm
     start = time.perf_counter()
     units = case.step()
