@@ -260,3 +260,33 @@ def test_resume_refuses_a_checkpoint_made_with_the_other_cache_setting(tmp_path,
     code, _, err = run_script("sentiment", args + ["--resume", "--no-cache"])
     assert code == 1 and "cache: checkpoint True, now False" in err
     assert checkpoint_path(tmp_path / "run").is_file()
+
+
+@pytest.mark.slow  # two runs per case
+@pytest.mark.parametrize("name", ["lora-top-layer", "loreft-last-position"])
+def test_in_bf16_a_cached_run_stays_within_bf16_rounding_of_the_uncached_one(tmp_path, task_files, monkeypatch, name):
+    flags = {**CASES[name][2], "epochs": 2, "dropout": 0.1, "batch_size": 1, "eval_batch_size": 1,
+             "max_train_examples": 12, "max_eval_examples": 6, "precision": "bf16"}
+    assert run_script("sentiment", base_args(tmp_path / "cached", task_files, **flags))[0] == 0
+    with monkeypatch.context() as patch:
+        rule_without_cache(patch)
+        assert run_script("sentiment", base_args(tmp_path / "plain", task_files, **flags))[0] == 0
+    cached, plain = run_outputs(tmp_path / "cached"), run_outputs(tmp_path / "plain")
+    for key, tensor in plain[0].items():
+        assert (cached[0][key] - tensor).norm() <= 2e-2 * tensor.norm() + 1e-6, key
+    for a, b in zip(plain[1], cached[1]):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=2e-2)
+
+
+@pytest.mark.slow  # two runs
+def test_a_run_whose_cache_is_all_on_disk_is_the_same_run(tmp_path, task_files):
+    """--cache-memory 0: every entry goes to the memory-mapped file, read back bit for bit."""
+    flags = {"method": "lora", "layers": "1", "epochs": 2, "dropout": 0.1}
+    assert run_script("sentiment", base_args(tmp_path / "ram", task_files, **flags))[0] == 0
+    code, out, err = run_script("sentiment", base_args(tmp_path / "disk", task_files, cache_memory="0", **flags))
+    assert code == 0, err
+    assert "0 B in RAM + " in out and "0 B on disk" not in out
+    log = json.loads((tmp_path / "disk" / "run" / "log.json").read_text())
+    assert log["cache"]["ram_bytes"] == 0 and log["cache"]["disk_bytes"] > 0
+    assert list((tmp_path / "disk" / "run").glob("feature-cache-*")) == []
+    assert_same_runs(run_outputs(tmp_path / "ram"), run_outputs(tmp_path / "disk"), rtol=0, atol=0)
