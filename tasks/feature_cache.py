@@ -165,10 +165,10 @@ class FrozenCache:
 
         rows = self._lookup(keys, real.sum(-1).tolist(), compute,
                             lambda out, i: {b"h": out[i][real[i]].to(self.dtype)})
-        hidden = torch.zeros(*input_ids.shape, gpt.config.n_embd, device=input_ids.device)  # padding: zeros
-        for i, row in enumerate(rows):
-            hidden[i, real[i]] = row[b"h"].to(hidden.device, hidden.dtype)
-        return self.boundary, hidden
+        hidden = torch.zeros(*input_ids.shape, gpt.config.n_embd)  # assembled on the CPU; padding: zeros
+        for i, (row, where) in enumerate(zip(rows, real.cpu())):
+            hidden[i, where] = row[b"h"].to("cpu", hidden.dtype)
+        return self.boundary, hidden.to(input_ids.device)
 
     def last_token(self, gpt, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         if not self.features_only:
@@ -201,15 +201,17 @@ class FrozenCache:
         rows = self._lookup(keys, before, lambda: gpt.gradient_free_prefix(input_ids, mask, split), extract)
         sample = rows[0][b"kv"]
         shape = (self.n_layer, batch, sample.shape[2], split, sample.shape[4])
-        keys_out = torch.empty(shape, dtype=sample.dtype, device=input_ids.device)
+        keys_out = torch.empty(shape, dtype=sample.dtype)  # assembled on the CPU, moved once
         values_out = torch.empty_like(keys_out)
         keys_out[start:].zero_()  # padding: zeros (layers below `start` are never read)
         values_out[start:].zero_()
         for i, row in enumerate(rows):
             span = slice(split - before[i], split)
-            keys_out[start:, i, :, span] = row[b"kv"][:, 0].to(keys_out.device)
-            values_out[start:, i, :, span] = row[b"kv"][:, 1].to(keys_out.device)
-        cache = KVCache.for_model(gpt.config, batch, length).load(keys_out, values_out, real[:, :split])
+            keys_out[start:, i, :, span] = row[b"kv"][:, 0]
+            values_out[start:, i, :, span] = row[b"kv"][:, 1]
+        device = input_ids.device
+        cache = KVCache.for_model(gpt.config, batch, length).load(keys_out.to(device), values_out.to(device),
+                                                                   real[:, :split])
         if start == 0:
             return cache, None
         hidden = torch.stack([row[b"h"] for row in rows]).to(input_ids.device, torch.float32)
