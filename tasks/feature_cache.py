@@ -262,6 +262,8 @@ class FrozenCache:
 
     def describe(self) -> str:
         store = self.store
+        if not self.complete and not self.uncached_rows:
+            return "  cache: nothing stored (this task's training never asked for the frozen part)"
         seconds_per_token = self.compute_seconds / max(self.computed_tokens, 1)
         full = (f"; the store is full, {self.uncached_rows} rows were computed without being kept (raise "
                 "--cache-memory or free disk space)") if store.full else ""

@@ -231,11 +231,12 @@ def test_a_cached_run_is_the_uncached_run_with_the_same_dropout_rule(tmp_path, t
     assert_same_runs(run_outputs(tmp_path / "plain"), run_outputs(tmp_path / "cached"), rtol=0, atol=0)
 
 
-@pytest.mark.slow  # three runs
-def test_a_cached_run_resumed_in_the_middle_ends_where_it_would_have(tmp_path, task_files, monkeypatch):
+@pytest.mark.slow  # three runs per case
+@pytest.mark.parametrize("name", ["head-only", "lora-top-layer", "loreft-last-position"])
+def test_a_cached_run_resumed_in_the_middle_ends_where_it_would_have(tmp_path, task_files, monkeypatch, name):
     """Interrupted in epoch 2, when the cache is full, and resumed: the new process starts with an empty cache and
     fills it again. Batches of 4, dropout on."""
-    flags = {"method": "lora", "layers": "1", "epochs": 2, "dropout": 0.1, "save_every_steps": 2}
+    flags = {**CASES[name][2], "epochs": 2, "dropout": 0.1, "save_every_steps": 2}
     assert run_script("sentiment", base_args(tmp_path / "straight", task_files, **flags))[0] == 0
     interrupted = base_args(tmp_path / "interrupted", task_files, **flags)
     with monkeypatch.context() as patch:

@@ -298,3 +298,14 @@ def test_progress_reads_checkpoints_written_before_its_fields_were_named():
     assert Progress.from_dict(old) == Progress(epoch=2, batch=3, step=40, epoch_steps=3, loss_sum=1.5, terms=12,
                                                tokens=300, seconds=2.0, grad_norm_sum=4.0)
     assert Progress(epoch=2, step=40, tokens=9).next_epoch() == Progress(epoch=3, step=40)
+
+
+def test_threads_apply_for_the_run_and_are_restored_after_it(tmp_path, task_files, monkeypatch):
+    seen = []
+    monkeypatch.setattr(Trainer, "run", lambda self: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    target = 2 if before == 1 else 1
+    run_training("sst", config_for(tmp_path, task_files, threads=target))
+    assert seen == [target] and torch.get_num_threads() == before
+    code, _, err = run_script("sentiment", base_args(tmp_path, task_files, threads=0))
+    assert code == 2 and "--threads: must be a positive integer, got '0'" in err
