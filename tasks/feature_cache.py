@@ -7,7 +7,12 @@ training, so, with dropout off there, the hidden states entering that layer are 
   that an epoch costs the head alone;
 - a method confined to upper layers (`--layers 8,9,10,11`): the hidden states entering the first adapted
   layer, every position, stored in the compute precision (bf16 under `--precision bf16`);
-- anything training in layer 0 or in the embeddings (or around the layers, such as virtual tokens): no cache.
+- a method acting on each row's last k prompt tokens only (`--positions l1`): the keys and values of the tokens
+  before them (the gradient-free prefix of `GPT2Model.forward_trainable_suffix`), in every layer from the
+  boundary up, and the hidden states the last k tokens enter the boundary with; evaluation then takes the same
+  prefix/suffix split;
+- anything else training in layer 0 or in the embeddings (or around the layers, such as virtual tokens): no
+  cache.
 
 Entries are keyed by what determines them, each row's real tokens (and prompt mask), so training and
 evaluation batches of any composition and padding find them. They live in RAM up to a budget
@@ -79,16 +84,16 @@ class TensorStore:
         return len(self.ram) + len(self.spilled)
 
     def put(self, key: bytes, tensor: torch.Tensor) -> bool:
-        tensor = tensor.detach().to("cpu").contiguous()
+        tensor = tensor.detach()
         size = tensor.numel() * tensor.element_size()
         if self.ram_bytes + size <= self.memory_budget:
-            self.ram[key] = tensor.clone()  # not a view of the batch it came from
+            self.ram[key] = tensor.to("cpu", copy=True)  # not a view of the batch it came from
             self.ram_bytes += size
             return True
         if not self._room_on_disk(size):
             self.full = True
             return False
-        self._bytes_at(self.disk_bytes, size).copy_(tensor.view(-1).view(torch.uint8))
+        self._bytes_at(self.disk_bytes, size).copy_(tensor.to("cpu").contiguous().view(-1).view(torch.uint8))
         self.spilled[key] = (self.disk_bytes, tensor.shape, tensor.dtype)
         self.disk_bytes += size
         return True
@@ -110,17 +115,18 @@ class TensorStore:
             self.file = None
 
     def _room_on_disk(self, size: int) -> bool:
-        end = self.disk_bytes + size
-        if self.map is not None and end <= len(self.map):
+        """Makes the mapped file hold `size` more bytes, growing it by SPILL_CHUNK at least; False when that would
+        leave less than DISK_RESERVE on its disk."""
+        mapped = len(self.map) if self.map is not None else 0
+        if self.disk_bytes + size <= mapped:
             return True
-        grown = (self.map is not None and len(self.map) or 0) + max(SPILL_CHUNK, size)
+        grow = max(SPILL_CHUNK, self.disk_bytes + size - mapped)
+        if shutil.disk_usage(self.directory).free - grow < DISK_RESERVE:
+            return False
         if self.file is None:
             self.file = tempfile.TemporaryFile(dir=self.directory, prefix="feature-cache-")
-        if shutil.disk_usage(self.directory).free - (grown - (len(self.map) if self.map is not None else 0)) \
-                < DISK_RESERVE:
-            return False
-        os.ftruncate(self.file.fileno(), grown)
-        self.map = mmap.mmap(self.file.fileno(), grown)
+        os.ftruncate(self.file.fileno(), mapped + grow)
+        self.map = mmap.mmap(self.file.fileno(), mapped + grow)  # the old map goes with its last view
         return True
 
     def _bytes_at(self, offset: int, size: int) -> torch.Tensor:
