@@ -291,3 +291,18 @@ def test_a_run_whose_cache_is_all_on_disk_is_the_same_run(tmp_path, task_files):
     assert log["cache"]["ram_bytes"] == 0 and log["cache"]["disk_bytes"] > 0
     assert list((tmp_path / "disk" / "run").glob("feature-cache-*")) == []
     assert_same_runs(run_outputs(tmp_path / "ram"), run_outputs(tmp_path / "disk"), rtol=0, atol=0)
+
+
+@pytest.mark.slow  # two sonnet runs
+def test_a_cached_sonnet_run_is_the_uncached_one(tmp_path, task_files, monkeypatch):
+    """Language modelling reads every position: the hidden states entering the first adapted layer serve the whole
+    sequence (keyed by the tokens and the prompt mask); generation, with its own key/value cache, computes as usual."""
+    flags = {"method": "lora", "rank": 4, "layers": "1", "epochs": 2, "dropout": 0.1, "batch_size": 1,
+             "max_train_examples": 4, "max_eval_examples": 2, "max_new_tokens": 8}
+    code, out, err = run_script("sonnet", base_args(tmp_path / "cached", task_files, **flags))
+    assert code == 0, err
+    assert "entering layer 1" in out and "cache: 4 rows" in out
+    with monkeypatch.context() as patch:
+        rule_without_cache(patch)
+        assert run_script("sonnet", base_args(tmp_path / "plain", task_files, **flags))[0] == 0
+    assert_same_runs(run_outputs(tmp_path / "plain"), run_outputs(tmp_path / "cached"), rtol=0, atol=0)
