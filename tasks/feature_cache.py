@@ -148,6 +148,7 @@ class FrozenCache:
     def __init__(self, boundary: int, n_layer: int, store: TensorStore, dtype: torch.dtype, suffix_mode: bool):
         self.boundary, self.n_layer, self.store, self.dtype = boundary, n_layer, store, dtype
         self.suffix_mode = suffix_mode
+        self.storing = True  # False: what is missing is computed and used, not kept (the run's last predictions)
         self.complete: set[bytes] = set()  # rows whose every part is stored
         self.compute_seconds = 0.0
         self.computed_tokens = self.reused_tokens = 0
@@ -237,11 +238,11 @@ class FrozenCache:
                 if key in self.complete or key in unstored:
                     continue
                 parts = extract(output, i)
-                if all(self.store.put(key + b"/" + name, part) for name, part in parts.items()):
+                if self.storing and all(self.store.put(key + b"/" + name, part) for name, part in parts.items()):
                     self.complete.add(key)
                 else:
                     unstored[key] = parts
-                    self.uncached_rows += 1
+                    self.uncached_rows += self.storing
                 self.computed_tokens += sizes[i]
             self.compute_seconds += time.perf_counter() - begin
         self.reused_tokens += sum(n for n, hit in zip(sizes, hits) if hit)

@@ -547,6 +547,8 @@ class Trainer:
     def finish(self, already_finished: bool) -> RunResult:
         """The best model's predictions, the final log entry, the result."""
         best_dir = self.reload_best()
+        if self.cache is not None:
+            self.cache.storing = False  # the final predictions run once: what they compute is not kept
         paths, dev_metrics, seconds_per_example = self.write_final_predictions()
         if self.status == "running":
             self.status = "already finished" if already_finished else "finished"

@@ -66,6 +66,7 @@ def test_an_sst_run_on_a_tiny_budget_reports_every_epoch_and_the_cache(tmp_path,
     assert "error" not in entry, entry.get("error")
     assert len(entry["epoch_seconds"]) == 2 and entry["run_seconds"] == pytest.approx(sum(entry["epoch_seconds"]))
     assert entry["train_examples"] == 8 and entry["precision"] in ("fp32", "bf16") and entry["peak_rss_bytes"] > 0
+    # The 8 training and the dev sentences; the test sentences, predicted once at the end, are not kept.
     assert entry["cache"]["rows"] >= 8 and entry["cache"]["boundary"] > 2  # the tiny model has 2 layers: features
     assert "--precision auto" in entry["command"] and "--epochs 2" in entry["command"]
     assert (tmp_path / "sst-run-last-linear-layer-log.json").is_file()

@@ -13,14 +13,16 @@ from torch import nn
 
 from models.gpt2 import left_align
 from models.peft import MethodConfig, apply_method
+from models.tokenizer import GPT2Tokenizer
 from models.tokenizer import pad_sequences as pad
+from tasks import get_task
 from tasks import feature_cache
 from tasks.checkpoint import checkpoint_path
 from tasks.classification import LastTokenClassifier
 from tasks.feature_cache import FrozenCache, TensorStore, attach, parse_size
 from tests.fixtures.models import random_model
 from tests.fixtures.task_files import base_args, run_script
-from tests.test_trainer import interrupt_at_step, trained_tensors, without_timings
+from tests.test_trainer import config_for, interrupt_at_step, trained_tensors, without_timings
 
 pytestmark = [pytest.mark.filterwarnings("ignore:GPT2Model. random weights"), pytest.mark.usefixtures("one_thread")]
 
@@ -306,3 +308,16 @@ def test_a_cached_sonnet_run_is_the_uncached_one(tmp_path, task_files, monkeypat
         rule_without_cache(patch)
         assert run_script("sonnet", base_args(tmp_path / "plain", task_files, **flags))[0] == 0
     assert_same_runs(run_outputs(tmp_path / "plain"), run_outputs(tmp_path / "cached"), rtol=0, atol=0)
+
+
+def test_the_final_predictions_read_the_cache_but_add_nothing_to_it(tmp_path, task_files):
+    """Dev and training rows are reused; the test rows, predicted once at the end, are computed and dropped."""
+    code, out, err = run_script("sentiment", base_args(tmp_path, task_files, method="last-linear-layer", epochs=2,
+                                                       max_train_examples=8, max_eval_examples=4))
+    assert code == 0, err
+    config = config_for(tmp_path / "again", task_files, max_train_examples=8, max_eval_examples=4)
+    data = get_task("sst").load(config, GPT2Tokenizer.from_pretrained(task_files.tokenizer), 1024).splits
+    kept = {tuple(e.input_ids) for split in ("train", "dev") for e in data[split]}
+    assert {tuple(e.input_ids) for e in data["test"]} - kept  # test rows the cache has not seen otherwise
+    assert json.loads((tmp_path / "run" / "log.json").read_text())["cache"]["rows"] == len(kept)
+    assert len((tmp_path / "predictions" / "last-linear-layer-sst-test-out.csv").read_text().splitlines()) == 1 + 4
