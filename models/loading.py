@@ -75,7 +75,8 @@ def load_torch_file(path: Path):
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, IndexError,
             struct.error) as error:  # IndexError and struct.error: a truncated file in torch's legacy format
-        unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        # torch names the global as "Unsupported global: GLOBAL x.y", or "unsupported GLOBAL x.y whose module x is blocked"
+        unsupported = re.search(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)", str(error))
         if unsupported:  # a class or function the file asks for: other Python objects, or a name cut short
             raise CheckpointError(
                 f"{path}: refused: it asks for {unsupported.group(1)}, which is not a tensor type allowed with "

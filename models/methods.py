@@ -87,6 +87,14 @@ for _option in (
 
 
 # ------------------------------------------------------------------------------------------------- methods
+def method_from_saved(raw: dict, version: int) -> MethodConfig:
+    """A method as an adapter file of format `version` (models/peft.py) records it. Before version 2, `direft` was
+    h + W2^T (W1 h + b) with W2 free, today's `nodireft`; `direft` now means pyreft's DiReFT, with R orthonormal."""
+    if version < 2 and isinstance(raw, dict) and raw.get("method") == "direft":
+        raw = {**raw, "method": "nodireft"}
+    return MethodConfig.from_dict(raw)
+
+
 def train_everything(gpt, config, layers) -> None:
     """Full fine-tuning: the base stays trainable."""
 
@@ -109,8 +117,8 @@ def add_lora(gpt, config, layers) -> None:
                                      rank_stabilized=config.rslora)
 
 
-def reft_applier(orthogonal: bool, subtract_projection: bool):
-    """The ReFT family differs only in two flags of the one intervention class (modules/reft.py)."""
+def reft_applier(orthogonal: bool, subtract_projection: bool, linear_source: bool = True):
+    """The ReFT family differs only in three flags of the one intervention class (modules/reft.py)."""
     def add_interventions(gpt, config, layers) -> None:
         for index in layers:
             if not isinstance(gpt.h[index], ReFTGPT2Layer):
@@ -118,8 +126,9 @@ def reft_applier(orthogonal: bool, subtract_projection: bool):
             for component in config.components:
                 gpt.h[index].add(component, config.name, PositionedIntervention(
                     gpt.config.n_embd, config.rank, config.positions, config.tie_positions,
-                    orthogonal=orthogonal, subtract_projection=subtract_projection, activation=config.activation,
-                    dropout=config.dropout, scale=config.alpha / config.rank,
+                    orthogonal=orthogonal, subtract_projection=subtract_projection, linear_source=linear_source,
+                    activation=config.activation or "identity", dropout=config.dropout or 0.0,
+                    scale=config.alpha / config.rank,
                 ))
     return add_interventions
 
@@ -131,6 +140,8 @@ def alpha_equals_rank(options: dict) -> float:
 
 REFT_OPTIONS = {"layers": None, "rank": 4, "alpha": alpha_equals_rank, "dropout": 0.0, "components": ("ffn",),
                 "positions": "f1+l1", "tie_positions": True, "activation": "identity", "name": "default"}
+# ConsReFT and LobiReFT edit by a constant b: no activation or dropout to apply to it.
+CONSTANT_SOURCE_OPTIONS = {name: value for name, value in REFT_OPTIONS.items() if name not in ("activation", "dropout")}
 
 for _method in (
     Method("full", "everything", train_everything, lr=1e-5, freezes_base=False, family="base"),
@@ -150,7 +161,15 @@ for _method in (
            "(kept in fp32)", reft_applier(orthogonal=True, subtract_projection=True), REFT_OPTIONS, stacks=True, family="reft"),
     Method("noreft", "as loreft, R not orthogonal", reft_applier(orthogonal=False, subtract_projection=True),
            REFT_OPTIONS, stacks=True, family="reft"),
-    Method("direft", "`h + W2^T (W1 h + b)`", reft_applier(orthogonal=False, subtract_projection=False),
-           REFT_OPTIONS, stacks=True, family="reft"),
+    Method("consreft", "`h + R^T (b - R h)`, R orthonormal: h's component in R's subspace set to a trained b (does "
+           "not start as the identity)", reft_applier(orthogonal=True, subtract_projection=True, linear_source=False),
+           CONSTANT_SOURCE_OPTIONS, stacks=True, family="reft"),
+    Method("direft", "`h + R^T (W h + b)`, R orthonormal (pyreft's DiReFT)",
+           reft_applier(orthogonal=True, subtract_projection=False), REFT_OPTIONS, stacks=True, family="reft"),
+    Method("nodireft", "`h + W2^T (W1 h + b)`, W2 free (the ReFT paper's DiReFT; `direft` before adapter format 2)",
+           reft_applier(orthogonal=False, subtract_projection=False), REFT_OPTIONS, stacks=True, family="reft"),
+    Method("lobireft", "`h + R^T b`, R orthonormal: a trained shift within R's subspace",
+           reft_applier(orthogonal=True, subtract_projection=False, linear_source=False), CONSTANT_SOURCE_OPTIONS,
+           stacks=True, family="reft"),
 ):
     register_method(_method)

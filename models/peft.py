@@ -21,13 +21,19 @@ import torch
 from torch import nn
 
 from data.atomic import atomic_save
+from models import pyreft_format
 from models.gpt2 import GPT2Model
-from models.methods import MethodConfig, registered_methods
+from models.methods import MethodConfig, method_from_saved, registered_methods
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
 ADAPTER_FORMAT = "gpt2-peft-adapter"
 BASE_FIELDS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")  # the base shape an adapter records
 log = logging.getLogger(__name__)
+# The adapter format's version. 2: orthonormal ReFT projections keep an orthonormal R as it is (version 1's QR could
+# flip its rows' signs), and `direft` means pyreft's DiReFT (version 1's `direft` is today's `nodireft`). Older
+# files load to the outputs they had: their modules' `upgrade_saved(version)` converts what they loaded.
+ADAPTER_VERSION = 2
+FORMATS = ("native", "pyreft")  # save_adapter's `format`: this project's files, or pyreft's (models/pyreft_format.py)
 
 
 # ---------------------------------------------------------------------------------------- applying
@@ -107,18 +113,23 @@ def trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def save_adapter(model: nn.Module, directory: str | Path) -> Path:
+def save_adapter(model: nn.Module, directory: str | Path, format: str = "native") -> Path:
     """Saves the trainable tensors of `model` (the method's parts and any task head) to adapter.safetensors
-    and the applied methods with the base model's shape to adapter_config.json. Returns the directory."""
+    and the applied methods with the base model's shape to adapter_config.json. Returns the directory.
+    `format="pyreft"` writes pyreft's files instead (ReFT-family interventions only; models/pyreft_format.py)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
+    if format not in FORMATS:
+        raise ValueError(f"save_adapter: format must be one of {', '.join(FORMATS)}, got {format!r}")
     gpt = find_gpt2(model)
+    if format == "pyreft":
+        return pyreft_format.save_pyreft(model, gpt, applied_methods(gpt), directory)
     tensors = {**adapter_parts(model, gpt), **trained_tensors(model)}
     atomic_save(lambda temp: save_file(tensors, temp, metadata={"format": ADAPTER_FORMAT}), directory / ADAPTER_WEIGHTS)
     config = {
         "format": ADAPTER_FORMAT,
-        "version": 1,
+        "version": ADAPTER_VERSION,
         "methods": [m.to_dict() for m in applied_methods(gpt)] or [MethodConfig("full").to_dict()],
         "base": base_shape(gpt),
         "tensors": len(tensors),
@@ -143,6 +154,10 @@ def read_adapter_config(directory: Path) -> dict:
         raise ValueError(f"{path}: cannot read the adapter config ({error})") from None
     if not isinstance(config, dict) or config.get("format") != ADAPTER_FORMAT:
         raise ValueError(f"{path}: not a {ADAPTER_FORMAT} config")
+    version = config.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= ADAPTER_VERSION:
+        raise ValueError(f"{path}: adapter format version {version!r}, but this code reads versions 1 to "
+                         f"{ADAPTER_VERSION} (an adapter written by a newer version of this project needs that version)")
     return config
 
 
@@ -167,7 +182,7 @@ def check_adapter_config(config: dict, directory: Path) -> list[MethodConfig]:
     parsed = []
     for index, raw in enumerate(methods):
         try:
-            parsed.append(MethodConfig.from_dict(raw))
+            parsed.append(method_from_saved(raw, config["version"]))
         except ValueError as error:
             raise ValueError(f"{where}: methods[{index}]: {error}") from None
     return parsed
@@ -212,10 +227,12 @@ def check_complete(tensors: dict, expected: set[str], config: dict, model: nn.Mo
 
 
 def load_adapter(model: nn.Module, directory: str | Path, name: Optional[str] = None,
-                 trainable: bool = False) -> nn.Module:
+                 trainable: bool = False, positions: Optional[str] = None) -> nn.Module:
     """Loads an adapter saved by save_adapter into `model` (built on a freshly loaded base of the same
     shape): applies the recorded methods unless already applied, then copies every saved tensor.
     `name` renames a stacking (ReFT-family) adapter, so that two adapters saved under one name can be combined.
+    A directory of pyreft's files (config.json + intkey_*.bin) is read by models/pyreft_format.py; `positions`
+    then says which prompt tokens its interventions edit (pyreft does not save them; default l1).
     Every check runs before the model changes, so a file that does not fit leaves the model as it was; every
     error names the adapter directory.
 
@@ -225,6 +242,10 @@ def load_adapter(model: nn.Module, directory: str | Path, name: Optional[str] = 
     `models.peft` logger says at INFO what was loaded and what is trainable now."""
     directory = Path(directory)
     try:
+        if pyreft_format.is_pyreft_directory(directory):
+            return load_pyreft_files(model, directory, name, trainable, positions)
+        if positions is not None:
+            raise ValueError("`positions` applies to pyreft directories only; this adapter records its own")
         return load_adapter_files(model, directory, name, trainable)
     except ValueError as error:
         if str(directory) in str(error):
@@ -271,19 +292,45 @@ def load_adapter_files(model: nn.Module, directory: Path, name: Optional[str], t
             + (f"; tensors of another shape: {', '.join(wrong[:8])}" if wrong else "")
         )
     check_complete(tensors, expected, config, model, directory)
+
+    def copy() -> list[nn.Parameter]:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for key, tensor in tensors.items():
+                params[key].copy_(tensor)
+        if config["version"] < ADAPTER_VERSION:
+            modules = dict(model.named_modules())
+            for owner in sorted({key.rpartition(".")[0] for key in tensors}):
+                if hasattr(modules[owner], "upgrade_saved"):
+                    modules[owner].upgrade_saved(config["version"])
+        return [params[key] for key in tensors]
+
+    return apply_loaded(model, gpt, missing, copy, trainable, directory, methods)
+
+
+def load_pyreft_files(model: nn.Module, directory: Path, name: Optional[str], trainable: bool,
+                      positions: Optional[str]) -> nn.Module:
+    gpt = find_gpt2(model)
+    method, tensors = pyreft_format.read_pyreft(directory, gpt, name=name, positions=positions)
+    return apply_loaded(model, gpt, [method], lambda: pyreft_format.copy_interventions(gpt, method.name, tensors),
+                        trainable, directory, [method])
+
+
+def apply_loaded(model: nn.Module, gpt: GPT2Model, missing: list[MethodConfig], copy, trainable: bool,
+                 directory: Path, methods: list[MethodConfig]) -> nn.Module:
+    """Applies the `missing` methods, then `copy()` fills in the loaded tensors and returns the parameters it
+    filled: those are frozen unless `trainable`; every other parameter keeps the trainability it had."""
+    applied = applied_methods(gpt)
     flags = {param: param.requires_grad for param in model.parameters()}
     for method in missing:
         apply_method(gpt, method)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for key, tensor in tensors.items():
-            params[key].copy_(tensor)
+    loaded = copy()
     if applied:  # apply_method froze all of GPT-2, earlier adapters included: they keep what they had
         for param, flag in flags.items():
             param.requires_grad_(flag)
-    for key in tensors:
-        params[key].requires_grad_(trainable)
-    log.info("%s: loaded %d tensors of %s, %s; %s", directory, len(tensors), ", ".join(m.method for m in methods),
+    for param in loaded:
+        param.requires_grad_(trainable)
+    log.info("%s: loaded %d tensors of %s, %s; %s", directory, len(loaded), ", ".join(m.method for m in methods),
              "trainable" if trainable else "frozen (load_adapter(..., trainable=True) to train them)",
              format_parameter_summary(model))
     return model

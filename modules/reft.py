@@ -1,14 +1,18 @@
 """Representation fine-tuning: small trained edits of hidden states inside a frozen GPT2Layer.
 
-One intervention class covers the family through two flags instead of near-copies:
+One intervention class covers pyreft's whole family through three flags instead of near-copies:
 
-    h + scale * R^T (act(W h + b) - R h)     orthogonal R, subtract   -> LoReFT (Wu et al., 2024)
-                                             free R,       subtract   -> NoReFT
-    h + scale * R^T  act(W h + b)            free R,       no subtract -> DiReFT, and the adapter form
-                                                                          up(act(down(h))) of "reft"
+    h + scale * R^T (act(W h + b) - R h)   orthonormal R                 -> LoReFT (Wu et al., 2024)
+                                           free R                        -> NoReFT
+    h + scale * R^T (b - R h)              orthonormal R, constant source -> ConsReFT
+    h + scale * R^T  act(W h + b)          orthonormal R                 -> DiReFT (pyreft's meaning)
+                                           free R                        -> NodiReFT (the paper's DiReFT), and
+                                                                            the adapter form up(act(down h)) of "reft"
+    h + scale * R^T  b                     orthonormal R, constant source -> LobiReFT
 
-W h + b is `source` (d -> r) and R^T is the map back up (r -> d). Every variant starts as the identity:
-with the subtraction, W starts equal to R and b at zero; without it, R starts at zero.
+W h + b (or the constant b) is `source` (d -> r) and R^T is the map back up (r -> d). Every variant starts as the
+identity except ConsReFT, which replaces h's component in R's subspace by b and so cannot: with the subtraction,
+W starts equal to R and b at zero; without it, the source starts at zero (orthonormal R) or R does (free R).
 """
 from __future__ import annotations
 
@@ -31,8 +35,44 @@ COMPONENTS = ("attention", "ffn")
 POSITIONS_RULE = "must be 'all' or like 'f1+l1', 'l3', 'f2+l2' (first/last k prompt tokens)"
 
 
+# An R whose rows are orthonormal to within this (fp32 rounding of R R^T is about 1e-6 at d = 768..1600) is used
+# exactly as it is; anything further from orthonormal is orthonormalised.
+ORTHONORMAL_TOLERANCE = 1e-5
+
+
+def orthonormal_rows(raw: torch.Tensor) -> torch.Tensor:
+    """raw (r x d) -> R (r x d) with orthonormal rows spanning raw's rows, differentiable (fp32 in, fp32 out).
+
+    QR is unique only up to the signs of Q's columns: they are fixed so that the triangular factor has a positive
+    diagonal, which maps an orthonormal `raw` to itself up to rounding. Within ORTHONORMAL_TOLERANCE `raw` is
+    returned bitwise as it is (with the QR's gradient), so that an R given from outside (pyreft's, or one saved in
+    another format) computes exactly what it computed there.
+    """
+    q, triangular = torch.linalg.qr(raw.t())  # (d, r) with orthonormal columns
+    q = (q * torch.where(triangular.diagonal() < 0, -1.0, 1.0)).t()
+    eye = torch.eye(raw.shape[0], dtype=raw.dtype, device=raw.device)
+    already = (raw @ raw.t() - eye).abs().amax() <= ORTHONORMAL_TOLERANCE
+    return torch.where(already, raw.detach() + (q - q.detach()), q)  # no host sync: both are computed
+
+
+def legacy_orthonormal_rows(raw: torch.Tensor) -> torch.Tensor:
+    """The orthonormalisation of adapter format version 1: plain QR, whose column signs LAPACK chooses."""
+    return torch.linalg.qr(raw.float().t())[0].t()
+
+
+class ConstantSource(nn.Module):
+    """The source of ConsReFT and LobiReFT: a trained vector b (r), the same for every h."""
+
+    def __init__(self, rank: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(rank))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.bias.float().expand(*h.shape[:-1], -1)
+
+
 class LowRankIntervention(nn.Module):
-    def __init__(self, dim: int, rank: int, orthogonal: bool, subtract_projection: bool,
+    def __init__(self, dim: int, rank: int, orthogonal: bool, subtract_projection: bool, linear_source: bool = True,
                  activation: str = "identity", dropout: float = 0.0, scale: float = 1.0):
         super().__init__()
         if activation not in ACTIVATIONS:
@@ -42,32 +82,45 @@ class LowRankIntervention(nn.Module):
         self.orthogonal = orthogonal
         self.subtract_projection = subtract_projection
         self.scale = scale
-        self.source = nn.Linear(dim, rank)
+        self.source = nn.Linear(dim, rank) if linear_source else ConstantSource(rank)
         self.activation = ACTIVATIONS[activation]()
         self.dropout = nn.Dropout(dropout)
-        # R, stored raw; with `orthogonal` the rows actually used are the QR orthonormalisation of this
-        # parameter. Saving the raw fp32 parameter therefore reproduces R exactly on reload.
+        # R, stored raw; with `orthogonal` the rows actually used are orthonormal_rows(this parameter). Saving the
+        # raw fp32 parameter therefore reproduces R exactly on reload.
         self.rotate = nn.Parameter(torch.zeros(rank, dim))
         with torch.no_grad():
-            if subtract_projection:
+            if orthogonal or subtract_projection:
                 nn.init.orthogonal_(self.rotate)
+            if subtract_projection and linear_source:
                 self.source.weight.copy_(self.projection())
                 self.source.bias.zero_()
+            elif orthogonal and not subtract_projection:  # DiReFT, LobiReFT: a zero source is the identity
+                for param in self.source.parameters():
+                    param.zero_()
 
     def projection(self) -> torch.Tensor:
         """R (r x d), in fp32; orthonormal rows when the intervention is orthogonal."""
         rotate = self.rotate.float()
-        if not self.orthogonal:
-            return rotate
-        q, _ = torch.linalg.qr(rotate.t())  # (d, r) with orthonormal columns, differentiable
-        return q.t()
+        return orthonormal_rows(rotate) if self.orthogonal else rotate
+
+    def upgrade_saved(self, version: int) -> None:
+        """Makes parameters loaded from an adapter of an older format version compute what they computed then
+        (models/peft.py calls this after loading). Version 1 orthonormalised R by plain QR, whose column signs
+        differ from today's: storing the R it used, which is orthonormal, makes today's projection use it as is."""
+        if version < 2 and self.orthogonal:
+            with torch.no_grad():
+                self.rotate.copy_(legacy_orthonormal_rows(self.rotate))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """h (..., d) -> the edited h, computed in fp32 whatever autocast is active."""
         with torch.autocast(device_type=h.device.type, enabled=False):
             h32 = h.float()
             rotate = self.projection()
-            z = self.dropout(self.activation(F.linear(h32, self.source.weight.float(), self.source.bias.float())))
+            if isinstance(self.source, nn.Linear):
+                source = F.linear(h32, self.source.weight.float(), self.source.bias.float())
+            else:
+                source = self.source(h32)
+            z = self.dropout(self.activation(source))
             if self.subtract_projection:
                 z = z - h32 @ rotate.t()
             return (h32 + self.scale * (z @ rotate)).to(h.dtype)

@@ -61,6 +61,9 @@ def test_wrappers_freeze_the_layer_and_hold_their_parts_in_module_dicts():
     (MethodConfig("loreft", rank=4, positions="f1+l1"), 73_776),
     (MethodConfig("loreft", rank=4, positions="f1+l1", tie_positions=False), 2 * 73_776),
     (MethodConfig("direft", rank=4, positions="l1"), 73_776),
+    (MethodConfig("nodireft", rank=4, positions="l1"), 73_776),
+    (MethodConfig("consreft", rank=4), 12 * (4 * 768 + 4)),  # 36,912: no W
+    (MethodConfig("lobireft", rank=4), 36_912),
     (MethodConfig("reft", rank=8), 12 * 2 * (2 * 768 * 8 + 8)),  # attention and ffn
     (MethodConfig("lora", rank=8), 12 * 2 * (8 * 768 + 768 * 8)),  # query, value
     (MethodConfig("lora", rank=8, targets=("query", "key", "value", "attn_out", "mlp_in", "mlp_out"), layers=[0]),
@@ -91,8 +94,8 @@ def test_method_structure_errors():
 
 
 # ----------------------------------------------------------------------------- identity and honest training
-@pytest.mark.parametrize("name", ["lora", "reft", "loreft", "loreft-untied", "noreft", "direft"])
-def test_methods_start_as_the_identity(name):
+@pytest.mark.parametrize("name", ["lora", "reft", "loreft", "loreft-untied", "noreft", "direft", "nodireft", "lobireft"])
+def test_methods_start_as_the_identity(name):  # consreft cannot (test_reft.py)
     base, adapted = fresh(), fresh(ADAPTING[name])
     ids, mask = right_padded([9, 5])
     with torch.no_grad():
@@ -126,7 +129,8 @@ def test_one_step_changes_only_trainable_tensors(name):
 
 
 # ----------------------------------------------------------------------------- positions under padding
-@pytest.mark.parametrize("name", ["reft", "loreft", "loreft-untied", "noreft", "direft", "lora"])
+@pytest.mark.parametrize("name", ["reft", "loreft", "loreft-untied", "noreft", "direft", "nodireft", "consreft",
+                                  "lobireft", "lora"])
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_padded_batch_gives_each_example_its_own_outputs(name, side):
     model = fresh(ADAPTING[name])
@@ -190,6 +194,58 @@ def test_adapter_load_errors(tmp_path):
         load_adapter(TinyClassifier(fresh()), directory)
 
 
+def version_1_adapter(directory, model) -> None:
+    """Turns `directory`, saved from `model` by today's code, into what version 1 of the format wrote for it: the
+    same tensors, version 1, and `nodireft` under its old name `direft`."""
+    config = json.loads((directory / ADAPTER_CONFIG).read_text())
+    assert config["version"] == 2
+    config["version"] = 1
+    for method in config["methods"]:
+        method["method"] = {"nodireft": "direft"}.get(method["method"], method["method"])
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("method", ["loreft", "direft"])
+def test_a_version_1_adapter_loads_to_the_outputs_it_had(tmp_path, method):
+    """Version 1 orthonormalised LoReFT's R by plain QR (rows' signs as LAPACK chose them) and called today's
+    nodireft (W2 free) `direft`. Its outputs are recomputed here by version 1's rules, written out."""
+    saved_as = {"loreft": "loreft", "direft": "nodireft"}[method]
+    model = fresh(MethodConfig(saved_as, rank=3, positions="f1+l1"))
+    perturb_trainable(model, scale=0.3)
+    directory = save_adapter(model, tmp_path / method)
+    version_1_adapter(directory, model)
+    tensors = load_file(directory / ADAPTER_WEIGHTS)
+    ids, mask = right_padded([6, 4])
+    for block in model.h:  # version 1's computation, on the saved tensors
+        intervention = block.interventions["ffn"]["default"].interventions[0]
+        if method == "loreft":
+            intervention.projection = lambda i=intervention: torch.linalg.qr(i.rotate.float().t())[0].t()
+    with torch.no_grad():
+        old = model(ids, mask)["last_hidden_state"]
+        assert (old - fresh(MethodConfig(saved_as, rank=3, positions="f1+l1"))(ids, mask)["last_hidden_state"]).abs().max() > 1e-3
+
+    loaded = load_adapter(fresh(), directory)
+    assert [m.method for m in applied_methods(loaded)] == [saved_as]
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, mask)["last_hidden_state"], old)
+    resaved = json.loads((save_adapter(loaded, tmp_path / "again") / ADAPTER_CONFIG).read_text())
+    assert resaved["version"] == 2 and resaved["methods"][0]["method"] == saved_as
+    if method == "loreft":  # today's code reading the same tensors as version 2 computes something else
+        (directory / ADAPTER_CONFIG).write_text((tmp_path / "again" / ADAPTER_CONFIG).read_text())
+        save_file(tensors, directory / ADAPTER_WEIGHTS)
+        with torch.no_grad():
+            assert (load_adapter(fresh(), directory)(ids, mask)["last_hidden_state"] - old).abs().max() > 1e-3
+
+
+def test_an_adapter_of_a_newer_format_version_is_refused(tmp_path):
+    directory = save_adapter(fresh(ADAPTING["loreft"]), tmp_path / "loreft")
+    config = json.loads((directory / ADAPTER_CONFIG).read_text())
+    (directory / ADAPTER_CONFIG).write_text(json.dumps({**config, "version": 3}))
+    with pytest.raises(ValueError, match=r"adapter_config.json: adapter format version 3, but this code reads "
+                                         r"versions 1 to 2 \(an adapter written by a newer version"):
+        load_adapter(fresh(), directory)
+
+
 def model_state(model: nn.Module) -> list:
     return [(name, p.dtype, p.requires_grad, p.detach().clone()) for name, p in model.named_parameters()]
 
@@ -247,7 +303,7 @@ def test_two_reft_adapters_trained_separately_both_apply(tmp_path):
 
 # ----------------------------------------------------------------------------- generation
 @pytest.mark.slow  # 36 generated tokens with and without the cache, per method
-@pytest.mark.parametrize("name", ["loreft", "loreft-untied", "reft", "lora"])
+@pytest.mark.parametrize("name", ["loreft", "loreft-untied", "reft", "direft", "nodireft", "consreft", "lobireft", "lora"])
 def test_generation_with_interventions_cache_equals_no_cache(name):
     model = fresh(ADAPTING[name])
     perturb_trainable(model, scale=0.5)

@@ -71,7 +71,9 @@ def memorise(config: MethodConfig, lr: float, max_steps: int = 1500, **model_opt
     (MethodConfig("lora", rank=4, layers=[0], targets=("query", "key", "value", "attn_out", "mlp_in", "mlp_out")), 1e-2),
     (MethodConfig("reft", rank=8, layers=[0], components=("attention", "ffn")), 2e-2),
     (MethodConfig("loreft", rank=16, layers=[0], positions="all"), 2e-2),
-], ids=["lora", "reft-adapter", "loreft"])
+    (MethodConfig("direft", rank=16, layers=[0], positions="all"), 2e-2),
+    (MethodConfig("nodireft", rank=16, layers=[0], positions="all"), 2e-2),
+], ids=["lora", "reft-adapter", "loreft", "direft", "nodireft"])
 def test_one_adapted_layer_memorises_a_32_token_continuation(config, lr):
     produced, expected, steps = memorise(config, lr)
     assert produced == expected, f"{config.method}: greedy continuation after {steps} steps differs"
@@ -90,6 +92,21 @@ def test_rank_1_loreft_on_one_layer_memorises_a_32_token_continuation(seed):
     config = MethodConfig("loreft", rank=1, layers=[0], positions="all")
     produced, expected, steps = memorise(config, lr=2e-2, max_steps=1500, seed=seed, **RANK_1_MODEL)
     assert produced == expected, f"greedy continuation after {steps} steps differs"
+
+
+# The constant-source edits need another scale. ConsReFT sets h's component in R's subspace to b at every position:
+# on one layer (rank 16) that only erases (0/32 after 1,500 steps); at rank 32 on both layers it memorises (25
+# steps). LobiReFT adds R^T b, the same shift at every position it edits, so with 'all' it is a bias (1,000 tokens,
+# rank 32, both layers: 1/32; 4 tokens, 3 layers: 5/32); one shift per prompt token (untied f4+l4, rank 16,
+# layer 0) carries the continuation on the 4-token model (175 steps), not on the 1,000-token one (1/32, as the
+# module docstring explains for prompt positions).
+@pytest.mark.parametrize("config, model_options", [
+    (MethodConfig("consreft", rank=32, positions="all"), {}),
+    (MethodConfig("lobireft", rank=16, layers=[0], positions="f4+l4", tie_positions=False), dict(RANK_1_MODEL, seed=0)),
+], ids=["consreft", "lobireft"])
+def test_constant_source_reft_memorises_a_32_token_continuation(config, model_options):
+    produced, expected, steps = memorise(config, lr=2e-2, **model_options)
+    assert produced == expected, f"{config.method}: greedy continuation after {steps} steps differs"
 
 
 @pytest.mark.parametrize("model_options, most_matches", [({}, 2), (dict(RANK_1_MODEL, seed=0), 12)],
