@@ -262,3 +262,12 @@ def test_untied_interventions_need_one_position_slot_each(tmp_path):
     with pytest.raises(ValueError, match=r"2 interventions per layer need positions with 2 slots .* got 'l1'"):
         load_adapter(fresh(), directory, positions="l1")
     assert applied_methods(load_adapter(fresh(), directory, positions="f2"))[0].positions == "f2"
+
+
+def test_loaded_interventions_are_frozen_unless_asked_to_train(tmp_path):
+    directory = save_adapter(fresh(MethodConfig("loreft", positions="l1")), tmp_path / "pyreft", format="pyreft")
+    frozen = load_adapter(fresh(), directory)
+    assert not any(p.requires_grad for p in frozen.parameters())
+    trainable = load_adapter(fresh(), directory, trainable=True)
+    assert {n for n, p in trainable.named_parameters() if p.requires_grad} == \
+        {n for n, _ in trainable.named_parameters() if ".interventions." in n}
