@@ -394,8 +394,9 @@ def write_paraphrase(path: PathLike, examples: Iterable[ParaphraseExample]) -> N
 
 
 def write_predictions(path: PathLike, column_name: str, ids: Iterable[str], predictions: Iterable) -> None:
-    """A prediction file in the course's exact format (graders parse it): `id \\t <column_name> ` then one
-    `<id> , <prediction> ` line per example. Use SENTIMENT_COLUMN or PARAPHRASE_COLUMN."""
+    """A prediction file in the course's exact format (graders parse it), as its classifier.py and
+    paraphrase_detection.py write it: `id \\t <column_name> ` then one `<id>, <prediction> ` line per example.
+    Use SENTIMENT_COLUMN or PARAPHRASE_COLUMN."""
     if hasattr(ids, "__len__") and hasattr(predictions, "__len__") and len(ids) != len(predictions):
         raise ValueError(f"{len(ids)} ids but {len(predictions)} predictions for {path}")
     with atomic_write(path) as handle:
@@ -404,7 +405,7 @@ def write_predictions(path: PathLike, column_name: str, ids: Iterable[str], pred
             sent_id = _plain(sent_id, "id")
             if id_problem(sent_id):
                 raise ValueError(f"{path}: cannot write id {sent_id!r}: ids must be non-empty and free of commas")
-            handle.write(f"{sent_id} , {_plain(prediction, 'prediction')} \n")
+            handle.write(f"{sent_id}, {_plain(prediction, 'prediction')} \n")
 
 
 def read_predictions(path: PathLike, column_name: Optional[str] = None) -> dict[str, Union[int, str]]:
@@ -424,7 +425,7 @@ def read_predictions(path: PathLike, column_name: Optional[str] = None) -> dict[
             continue
         sent_id, comma, value = (part.strip() for part in line.partition(","))
         if not comma or not sent_id or not value:
-            raise DataFormatError(path, line_no, f"expected '<id> , <prediction>', found {line!r}")
+            raise DataFormatError(path, line_no, f"expected '<id>, <prediction>', found {line!r}")
         if sent_id in first_line_of:
             raise DataFormatError(path, line_no, f"duplicate id {sent_id!r} (first on line {first_line_of[sent_id]})")
         first_line_of[sent_id] = line_no

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from data.atomic import atomic_save
+from models.base_identity import record_base
 from models.config import GPT2Config
 from models.loading import (
     CheckpointError,
@@ -71,6 +72,7 @@ class GPT2Model(nn.Module):
         for name, param in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        record_base(self, None)  # what adapters trained on this model record; from_pretrained names it
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -330,10 +332,18 @@ class GPT2Model(nn.Module):
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod
-    def from_pretrained(cls, name_or_path: str = "gpt2", device: str = "cpu") -> "GPT2Model":
-        """Loads a checkpoint (local directory, weights file, or hub name) or builds `random:<size>` weights.
-        Returns the model in eval mode, in fp32; see `set_precision` for bf16."""
-        name = str(name_or_path)
+    def from_pretrained(cls, name_or_path: Optional[str] = None, device: str = "cpu", *, model: Optional[str] = None,
+                        d: Optional[int] = None, l: Optional[int] = None, num_heads: Optional[int] = None
+                        ) -> "GPT2Model":
+        """Loads a checkpoint (local directory, weights file, or hub name; default gpt2) or builds `random:<size>`
+        weights. Returns the model in eval mode, in fp32; see `set_precision` for bf16.
+
+        The CS224n starter's call shape works too: `from_pretrained(model='gpt2', d=768, l=12, num_heads=12)`;
+        d, l and num_heads, when given, must match the checkpoint's n_embd, n_layer and n_head."""
+        if model is not None and name_or_path is not None and str(model) != str(name_or_path):
+            raise ValueError(f"GPT2Model.from_pretrained: name_or_path {name_or_path!r} and model {model!r} disagree; "
+                             "give one of them")
+        name = str(name_or_path or model or "gpt2")
         if name.startswith("random:"):
             size = name.split(":", 1)[1]
             config = GPT2Config.preset(size)
@@ -341,12 +351,16 @@ class GPT2Model(nn.Module):
                 f"GPT2Model: random weights ({size} shape), not a pretrained model; fine for tests and speed "
                 "measurements, meaningless for accuracy", stacklevel=2,
             )
-            model = cls(config)
+            check_course_sizes(config, name, d, l, num_heads)
+            gpt = cls(config)
         else:
             config_path, weights_path = locate_checkpoint(name)
-            model = cls(read_config(config_path))
-            model.load_hf_state_dict(read_state_dict(weights_path), source=str(weights_path))
-        return model.to(resolve_device(device)).eval()
+            config = read_config(config_path)
+            check_course_sizes(config, name, d, l, num_heads)
+            gpt = cls(config)
+            gpt.load_hf_state_dict(read_state_dict(weights_path), source=str(weights_path))
+        record_base(gpt, name)
+        return gpt.to(resolve_device(device)).eval()
 
     def load_hf_state_dict(self, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
         ours = hf_to_ours(state, source)
@@ -355,6 +369,7 @@ class GPT2Model(nn.Module):
         with torch.no_grad():
             for name, tensor in ours.items():
                 expected[name].copy_(tensor)
+        record_base(self, source)
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Writes config.json + model.safetensors in the hub's layout (readable by transformers too)."""
@@ -366,6 +381,17 @@ class GPT2Model(nn.Module):
         atomic_save(lambda temp: save_file(state, temp, metadata={"format": "pt"}), directory / "model.safetensors")
         atomic_save(lambda temp: Path(temp).write_text(self.config.to_json()), directory / "config.json")
         return directory
+
+
+def check_course_sizes(config: GPT2Config, name: str, d: Optional[int], l: Optional[int],
+                       num_heads: Optional[int]) -> None:
+    """The CS224n starter passes the model's sizes beside its name (d, l, num_heads): they must be the checkpoint's."""
+    wrong = [f"{flag}={given} but it has {field} {actual}" for flag, given, field, actual in (
+        ("d", d, "n_embd", config.n_embd), ("l", l, "n_layer", config.n_layer),
+        ("num_heads", num_heads, "n_head", config.n_head)) if given is not None and given != actual]
+    if wrong:
+        raise ValueError(f"GPT2Model.from_pretrained({name!r}): " + "; ".join(wrong)
+                         + " (leave d, l and num_heads out to take the checkpoint's sizes)")
 
 
 def last_real_token(hidden: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:

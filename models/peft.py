@@ -22,6 +22,7 @@ from torch import nn
 
 from data.atomic import atomic_save
 from models import pyreft_format
+from models.base_identity import base_identity, check_same_base
 from models.gpt2 import GPT2Model
 from models.methods import MethodConfig, method_from_saved, registered_methods
 
@@ -132,6 +133,7 @@ def save_adapter(model: nn.Module, directory: str | Path, format: str = "native"
         "version": ADAPTER_VERSION,
         "methods": [m.to_dict() for m in applied_methods(gpt)] or [MethodConfig("full").to_dict()],
         "base": base_shape(gpt),
+        "base_model": base_identity(gpt),  # name or path, and a fingerprint of the weights it was trained on
         "tensors": len(tensors),
         "parameters": sum(t.numel() for t in tensors.values()),
     }
@@ -227,14 +229,16 @@ def check_complete(tensors: dict, expected: set[str], config: dict, model: nn.Mo
 
 
 def load_adapter(model: nn.Module, directory: str | Path, name: Optional[str] = None,
-                 trainable: bool = False, positions: Optional[str] = None) -> nn.Module:
+                 trainable: bool = False, positions: Optional[str] = None,
+                 allow_other_base: bool = False) -> nn.Module:
     """Loads an adapter saved by save_adapter into `model` (built on a freshly loaded base of the same
     shape): applies the recorded methods unless already applied, then copies every saved tensor.
     `name` renames a stacking (ReFT-family) adapter, so that two adapters saved under one name can be combined.
     A directory of pyreft's files (config.json + intkey_*.bin) is read by models/pyreft_format.py; `positions`
     then says which prompt tokens its interventions edit (pyreft does not save them; default l1).
     Every check runs before the model changes, so a file that does not fit leaves the model as it was; every
-    error names the adapter directory.
+    error names the adapter directory. A base with other weights than the recorded one (models/base_identity.py)
+    is refused unless `allow_other_base`, which only warns.
 
     What trains afterwards: the loaded tensors are frozen, or trainable with `trainable=True` (to train the
     adapter further); every other parameter keeps the trainability it had, so loading a second ReFT adapter
@@ -246,14 +250,15 @@ def load_adapter(model: nn.Module, directory: str | Path, name: Optional[str] = 
             return load_pyreft_files(model, directory, name, trainable, positions)
         if positions is not None:
             raise ValueError("`positions` applies to pyreft directories only; this adapter records its own")
-        return load_adapter_files(model, directory, name, trainable)
+        return load_adapter_files(model, directory, name, trainable, allow_other_base)
     except ValueError as error:
         if str(directory) in str(error):
             raise
         raise ValueError(f"{directory}: {error}") from None
 
 
-def load_adapter_files(model: nn.Module, directory: Path, name: Optional[str], trainable: bool) -> nn.Module:
+def load_adapter_files(model: nn.Module, directory: Path, name: Optional[str], trainable: bool,
+                       allow_other_base: bool = False) -> nn.Module:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -265,6 +270,7 @@ def load_adapter_files(model: nn.Module, directory: Path, name: Optional[str], t
     if different:
         details = ", ".join(f"{k} {saved} vs {ours}" for k, (saved, ours) in different.items())
         raise ValueError(f"{directory}: adapter was trained on a base model of another shape (adapter vs this model: {details})")
+    check_same_base(config.get("base_model"), gpt, str(directory), allow_other_base)
     try:
         tensors = load_file(directory / ADAPTER_WEIGHTS)
     except (SafetensorError, OSError) as error:

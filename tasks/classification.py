@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
 
-from data.readers import default_paths, write_predictions
+from data.readers import write_predictions
 from models.tokenizer import pad_sequences
 from tasks.batching import sorted_batches
 from tasks.config import TrainConfig
@@ -58,7 +58,7 @@ class ClassificationTask(Task):
         """(token ids of the row's prompt, whether it was cut to max_length)."""
 
     def load(self, config: TrainConfig, tokenizer, max_length: int) -> TaskData:
-        paths = {split: Path(path) for split, path in default_paths(self.name, config.data_dir).items()}
+        paths = config.data_paths()
         splits, truncated = {}, {}
         for split in SPLITS:
             splits[split], truncated[split] = [], 0

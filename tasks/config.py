@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from data.readers import default_paths
 from models.gpt2 import PRECISION_CHOICES
 from models.methods import MethodConfig
 
@@ -31,6 +32,10 @@ class TrainConfig:
     data_dir: str = "data"
     output_dir: Optional[str] = None  # None: runs/<task>-<method>
     predictions_dir: str = "predictions"
+    # Per-split overrides, as the course's flags give them (--para_train, --sonnet_out, ...): split -> path.
+    data_files: dict = field(default_factory=dict)  # train / dev / test / dev_true instead of data_dir's file
+    prediction_files: dict = field(default_factory=dict)  # dev / test instead of the predictions_dir name
+    course_names: bool = False  # predictions under the CS224n file names and label values (tasks/course.py)
 
     epochs: int = 10
     lr: Optional[float] = None  # None: the method's default (models/methods.py: 1e-5 for full, 1e-3 for the rest)
@@ -95,6 +100,10 @@ class TrainConfig:
             problems.append(f"temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        for name, known in (("data_files", ("train", "dev", "dev_true", "test")), ("prediction_files", ("dev", "test"))):
+            unknown = sorted(set(getattr(self, name)) - set(known))
+            if unknown:
+                problems.append(f"{name} keys must be among {', '.join(known)}, got {', '.join(unknown)}")
         if self.resume and self.overwrite:
             problems.append("resume and overwrite exclude each other")
         if problems:
@@ -107,6 +116,10 @@ class TrainConfig:
     def example_limit(self, split: str) -> Optional[int]:
         """How many examples of a split to use (--max-train-examples / --max-eval-examples): the first N."""
         return self.max_train_examples if split == "train" else self.max_eval_examples
+
+    def data_paths(self) -> dict[str, Path]:
+        """The task's data files by split: data_dir's course file names, unless data_files names another."""
+        return {**default_paths(self.task, self.data_dir), **{k: Path(v) for k, v in self.data_files.items()}}
 
     @property
     def run_dir(self) -> Path:
@@ -121,3 +134,9 @@ class TrainConfig:
         out["method"] = self.method.to_dict()
         out["learning_rate"] = self.learning_rate
         return out
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "TrainConfig":
+        """The config of a run's log.json (`to_dict`'s output; fields a newer version added take their defaults)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in names})

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from sacrebleu.metrics import CHRF
 from torch import nn
 
-from data.readers import Sonnet, default_paths, read_sonnets, write_sonnets
+from data.readers import Sonnet, read_sonnets, write_sonnets
 from models.generation import SamplingConfig, generate
 from models.tokenizer import pad_sequences
 from tasks.config import TrainConfig
@@ -38,7 +38,7 @@ class SonnetTask(Task):
 
     def load(self, config: TrainConfig, tokenizer, max_length: int) -> TaskData:
         self.tokenizer = tokenizer  # generation decodes with it
-        paths = {split: Path(path) for split, path in default_paths(self.name, config.data_dir).items()}
+        paths = config.data_paths()
         train, truncated = [], 0
         for sonnet in read_sonnets(paths["train"])[:config.example_limit("train")]:
             prompt, rest = split_prompt(sonnet.text)

@@ -206,7 +206,8 @@ class Trainer:
         restart = ckpt.check_run_dir(self.run_dir, config.resume, config.overwrite)
         if self.dist.is_main:
             self.lock.acquire()  # held until the run ends; a second run into this directory is refused
-            for directory in (self.run_dir, self.task.prediction_path(config, "dev").parent):
+            outputs = [self.task.output_path(config, split).parent for split in ("dev", "test")]
+            for directory in (self.run_dir, *outputs):
                 check_writable(directory)  # now, not after the first epoch
             for stale in ckpt.remove_stale_temp_files(self.run_dir):
                 self.say(f"  removed {stale}, left by an interrupted write")
@@ -511,9 +512,9 @@ class Trainer:
             if not examples:
                 continue
             predictions, seconds = self.final_predictions(split)
-            path = self.task.prediction_path(self.config, split)
+            path = self.task.output_path(self.config, split)
             if self.dist.is_main:
-                self.task.write_predictions(path, examples, predictions)
+                self.task.write_output(self.config, path, examples, predictions)
             paths[f"{split}_predictions"] = str(path)
             if split == "dev":
                 dev_metrics = self.task.metrics(examples, predictions)

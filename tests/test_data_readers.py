@@ -260,7 +260,7 @@ def test_tables_round_trip(tmp_path):
 def test_prediction_file_format_and_round_trip(tmp_path):
     path = tmp_path / "predictions" / "full-sst-dev-out.csv"
     write_predictions(path, SENTIMENT_COLUMN, ["a1", "b2", "c3"], [3, np.int64(0), 4])
-    assert path.read_text() == "id \t Predicted_Sentiment \na1 , 3 \nb2 , 0 \nc3 , 4 \n"
+    assert path.read_text() == "id \t Predicted_Sentiment \na1, 3 \nb2, 0 \nc3, 4 \n"
     assert read_predictions(path) == {"a1": 3, "b2": 0, "c3": 4}
     assert read_predictions(path, SENTIMENT_COLUMN) == {"a1": 3, "b2": 0, "c3": 4}
     with raises_at(path, 1, "Predicted_Is_Paraphrase"):
@@ -275,7 +275,7 @@ def test_prediction_file_format_and_round_trip(tmp_path):
 
 def test_read_predictions_errors(tmp_path):
     path = write(tmp_path / "p.csv", "id \t Predicted_Sentiment \na , 1 \nb 2 \n")
-    with raises_at(path, 3, "expected '<id> , <prediction>'"):
+    with raises_at(path, 3, "expected '<id>, <prediction>'"):
         read_predictions(path)
     dup = write(tmp_path / "d.csv", "id \t Predicted_Sentiment \na , 1 \na , 2 \n")
     with raises_at(dup, 3, "duplicate id 'a' (first on line 2)"):
