@@ -2,6 +2,7 @@
 and batches of prompts of different lengths (left-padded, so every row's next token is the last column).
 
     python -m models.generation --model gpt2 --prompt "Shall I compare thee"
+    python -m models.generation --adapter runs/sonnet-lora/best --prompt "Shall I compare thee"   # a trained run
 """
 from __future__ import annotations
 
@@ -126,12 +127,42 @@ def generate_text(model, tokenizer, prompts: Sequence[str], sampling: Optional[S
     return [tokenizer.decode(tokens) for tokens in new_tokens]
 
 
+def adapter_base(directory: str) -> Optional[str]:
+    """The name or path of the base model an adapter records (None when it records none)."""
+    from models.peft import read_adapter_config
+
+    return (read_adapter_config(directory).get("base_model") or {}).get("name_or_path")
+
+
+def load_language_model_adapter(model, directory: str, allow_other_base: bool) -> None:
+    """Applies a saved adapter to a bare GPT2Model, refusing one saved from a task model with a head of its own
+    (a sentiment or paraphrase run's), whose tensors belong to a classifier."""
+    from safetensors import safe_open
+
+    from models.peft import ADAPTER_WEIGHTS, load_adapter
+
+    try:
+        with safe_open(f"{directory}/{ADAPTER_WEIGHTS}", framework="pt") as file:
+            keys = list(file.keys())
+    except Exception as error:  # SafetensorError or OSError: named with the file
+        raise ValueError(f"{directory}/{ADAPTER_WEIGHTS}: cannot read the adapter weights ({error})") from None
+    if any(key.startswith("head.") for key in keys):
+        raise ValueError(f"{directory}: this adapter belongs to a classifier (its tensors include a task head, "
+                         "head.*): generation needs a language-model adapter, such as a sonnet run's <run>/best")
+    load_adapter(model, directory, allow_other_base=allow_other_base)
+
+
 def main(argv=None) -> int:
     from models.gpt2 import PRECISION_CHOICES, PRECISION_HELP, GPT2Model
     from models.tokenizer import GPT2Tokenizer, tokenizer_source
 
     parser = argparse.ArgumentParser(description="Continue a prompt with GPT-2.")
-    parser.add_argument("--model", default="gpt2", help="hub name, local checkpoint directory, or random:<size>")
+    parser.add_argument("--model", default=None, help="hub name, local checkpoint directory, or random:<size> "
+                        "(default: the base the --adapter was trained on, else gpt2)")
+    parser.add_argument("--adapter", default=None, help="an adapter directory saved by save_adapter, such as a "
+                        "sonnet run's <run>/best: its method and trained tensors are applied to the base")
+    parser.add_argument("--allow-other-base", action="store_true",
+                        help="apply the --adapter even to a base with other weights than the one it was trained on")
     parser.add_argument("--tokenizer", default=None,
                         help="directory with vocab.json + merges.txt (default: the model directory, or the hub's gpt2)")
     parser.add_argument("--prompt", action="append", required=True, help="may be given several times (one batch)")
@@ -152,9 +183,12 @@ def main(argv=None) -> int:
     except ValueError as error:
         parser.error(str(error))
     try:
-        model = GPT2Model.from_pretrained(args.model, device=args.device)
+        base = args.model or (adapter_base(args.adapter) if args.adapter else None) or "gpt2"
+        model = GPT2Model.from_pretrained(base, device=args.device)
+        if args.adapter:
+            load_language_model_adapter(model, args.adapter, args.allow_other_base)
         model.requires_grad_(False).set_precision(args.precision)  # inference only: every weight is frozen
-        tokenizer = GPT2Tokenizer.from_pretrained(tokenizer_source(args.model, args.tokenizer))
+        tokenizer = GPT2Tokenizer.from_pretrained(tokenizer_source(base, args.tokenizer))
         sampling.stop_token_id = tokenizer.eos_token_id
         generator = torch.Generator(model.wte.weight.device).manual_seed(args.seed)
         texts = generate_text(model, tokenizer, args.prompt, sampling, generator=generator)

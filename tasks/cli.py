@@ -106,6 +106,9 @@ def build_parser(script: str, default_task: Optional[str] = None) -> argparse.Ar
     inputs.add_argument("--output-dir", default=None, help="run directory for the log and checkpoints "
                         "(default: runs/<task>-<method>)")
     inputs.add_argument("--predictions-dir", default=defaults.predictions_dir, help="where prediction files go")
+    inputs.add_argument("--course-names", action="store_true", help="name the prediction files as the CS224n "
+                        "course does (full-model-sst-dev-out.csv, para-dev-output.csv, generated_sonnets.txt) and "
+                        "write its label values (Quora: the token ids of no / yes, 3919 / 8505)")
     inputs.add_argument("--max-length", type=positive_int, default=None,
                         help="truncate inputs to this many tokens (default: the model context)")
     inputs.add_argument("--max-train-examples", type=positive_int, default=None,
@@ -151,6 +154,11 @@ def build_parser(script: str, default_task: Optional[str] = None) -> argparse.Ar
     train.add_argument("--save-every-steps", type=positive_int, default=None,
                        help="also write the resume checkpoint every N optimizer steps (it is always written after "
                        "each epoch)")
+    train.add_argument("--log-every", type=positive_int, default=defaults.log_every,
+                       help="write loss, learning rate, tokens/s and gradient norm to <run>/steps.jsonl every N "
+                       "optimizer steps")
+    train.add_argument("--tensorboard", action="store_true",
+                       help="also write them to TensorBoard in <run>/tensorboard/ (needs: pip install tensorboard)")
     again = train.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue the interrupted run in --output-dir")
     again.add_argument("--overwrite", action="store_true", help="replace an earlier run in --output-dir")
@@ -164,7 +172,44 @@ def build_parser(script: str, default_task: Optional[str] = None) -> argparse.Ar
         generation.add_argument("--max-new-tokens", type=positive_int, default=defaults.max_new_tokens,
                                 help="the longest continuation (generation also stops at <|endoftext|>)")
     add_method_arguments(parser)
+    add_course_arguments(parser, script)
     return parser
+
+
+# The CS224n starter's per-file flags of each script: flag -> (TrainConfig field, split).
+COURSE_FILE_FLAGS = {
+    "sentiment": {},
+    "paraphrase": {"--para_train": ("data_files", "train"), "--para_dev": ("data_files", "dev"),
+                   "--para_test": ("data_files", "test"), "--para_dev_out": ("prediction_files", "dev"),
+                   "--para_test_out": ("prediction_files", "test")},
+    "sonnet": {"--sonnet_path": ("data_files", "train"), "--held_out_sonnet_path": ("data_files", "test"),
+               "--sonnet_out": ("prediction_files", "test")},
+}
+FINE_TUNE_MODES = {"last-linear-layer": "last-linear-layer", "full-model": "full"}
+# The course's spelling of flags this project has: the same setting, checked the same way.
+COURSE_ALIASES = {"--batch_size": "--batch-size", "--hidden_dropout_prob": "--dropout", "--model_size": "--model",
+                  "--top_p": "--top-p"}
+
+
+def add_course_arguments(parser: argparse.ArgumentParser, script: str) -> None:
+    """The CS224n starter's flags. Aliases are arguments of their own (so that an error names the flag as typed)
+    writing the same setting, with no default of their own."""
+    group = parser.add_argument_group("the CS224n starter's flags", "accepted so that the course's commands run")
+    for alias, ours in COURSE_ALIASES.items():
+        action = parser._option_string_actions.get(ours)
+        if action is not None:  # --top_p: the sonnet script only
+            group.add_argument(alias, dest=action.dest, type=action.type, choices=action.choices,
+                               default=argparse.SUPPRESS, metavar=action.metavar, help=ours)
+    group.add_argument("--fine-tune-mode", choices=tuple(FINE_TUNE_MODES), default=None,
+                       help="last-linear-layer: --method last-linear-layer; full-model: --method full")
+    group.add_argument("--use_gpu", dest="device", action="store_const", const="cuda", help="--device cuda")
+    for flag, (field, split) in COURSE_FILE_FLAGS[script].items():
+        what = "data file" if field == "data_files" else "predictions file"
+        group.add_argument(flag, dest=course_dest(flag), default=None, metavar="PATH", help=f"the {split} {what}")
+
+
+def course_dest(flag: str) -> str:
+    return "course_" + flag.lstrip("-")
 
 
 def add_method_arguments(parser: argparse.ArgumentParser) -> None:
@@ -224,11 +269,20 @@ def method_config_from_args(args: argparse.Namespace, parser: Optional[argparse.
 
 
 def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainConfig:
+    mode = getattr(args, "fine_tune_mode", None)
+    if mode is not None:
+        if args.method not in (MethodConfig().method, FINE_TUNE_MODES[mode]):
+            parser.error(f"--fine-tune-mode {mode} means --method {FINE_TUNE_MODES[mode]}, not {args.method}")
+        args.method = FINE_TUNE_MODES[mode]
     method = method_config_from_args(args, parser)
     # Flags are named after TrainConfig's fields; a script without some flags (sampling) keeps their defaults.
     fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
               if f.name != "method" and hasattr(args, f.name)}
     fields["max_grad_norm"] = args.max_grad_norm or None  # 0 turns clipping off
+    for flags in COURSE_FILE_FLAGS.values():
+        for flag, (field, split) in flags.items():
+            if getattr(args, course_dest(flag), None) is not None:
+                fields.setdefault(field, {})[split] = getattr(args, course_dest(flag))
     try:
         return TrainConfig(method=method, **fields)
     except ValueError as error:

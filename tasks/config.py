@@ -59,6 +59,8 @@ class TrainConfig:
     patience: Optional[int] = None  # stop after this many evaluations without a better dev metric
     eval_every: int = 1  # evaluate on dev every N epochs (and always after the last)
     save_every_steps: Optional[int] = None  # also write the resume checkpoint every N optimizer steps
+    log_every: Optional[int] = 10  # step metrics to <run>/steps.jsonl every N optimizer steps (None: none)
+    tensorboard: bool = False  # and to TensorBoard event files in <run>/tensorboard/ (needs tensorboard)
     resume: bool = False
     overwrite: bool = False
 
@@ -74,7 +76,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "grad_accum", "eval_batch_size", "eval_every", "max_new_tokens"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_length", "max_train_examples", "max_eval_examples", "patience", "save_every_steps"):
+        for name in ("max_length", "max_train_examples", "max_eval_examples", "patience", "save_every_steps",
+                     "log_every"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 problems.append(f"{name} must be >= 1 (or unset), got {value}")

@@ -49,6 +49,7 @@ from tasks import feature_cache
 from tasks.batching import bucketed_batches
 from tasks.config import TrainConfig
 from tasks.distributed import Distributed, setup_distributed, teardown_distributed
+from tasks.run_log import StepLog, plot_run
 from tasks.task import Example, Task, examples_fingerprint
 
 
@@ -189,6 +190,7 @@ class Trainer:
         self.latest_dev = None  # (epoch, predictions, seconds) of the newest dev evaluation in this process
         self.lock = ckpt.RunLock(self.run_dir)
         self.cache = None  # the frozen part's cache (tasks/feature_cache.py), when the method leaves one to keep
+        self.step_log = None  # rank 0's StepLog (tasks/run_log.py), from setup on
 
     # ---- output
     def say(self, message: str) -> None:
@@ -247,6 +249,8 @@ class Trainer:
             self.say(note)
         if resume_state is not None:
             self.restore(resume_state)
+        if self.dist.is_main:
+            self.step_log = StepLog(self.run_dir, config.log_every, config.tensorboard, self.progress.step)
 
     def build_model(self) -> None:
         """GPT-2 (the same random or loaded weights on every rank), the method applied, the task's model around
@@ -370,6 +374,8 @@ class Trainer:
             if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
                 entry.update(self.evaluate_epoch(epoch))
             self.history.append(entry)
+            if self.step_log is not None:
+                self.step_log.epoch(entry)
             self.say(f"epoch {epoch + 1}/{config.epochs}: train loss {entry['train_loss']:.4f}"
                      + (f", dev {self.task.describe(entry['dev'])}" if entry.get("dev") else "")
                      + f" ({entry['train_seconds']:.1f} s, {entry['train_tokens_per_second']:.0f} tokens/s)")
@@ -407,6 +413,7 @@ class Trainer:
     def train_step(self, group: list[list[int]], train: list[Example]) -> float:
         """One optimizer step over `group` (grad_accum micro-batches of the global batch); returns its mean loss."""
         task, dist = self.task, self.dist
+        start, tokens_before, lr = time.perf_counter(), self.progress.tokens, self.scheduler.get_last_lr()[0]
         terms = sum(task.loss_terms(train[i]) for batch in group for i in batch)
         local_sum, local_terms = 0.0, 0
         for k, batch in enumerate(group):
@@ -442,6 +449,10 @@ class Trainer:
         progress.grad_norm_sum += grad_norm
         progress.loss_sum += local_sum
         progress.terms += local_terms
+        if self.step_log is not None:  # this process's loss and tokens; the gradient norm is the global one
+            self.step_log.step(progress.step, {
+                "epoch": progress.epoch + 1, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
+                "tokens_per_second": (progress.tokens - tokens_before) / max(time.perf_counter() - start, 1e-9)})
         return step_loss
 
     def diverged(self, loss: float, grad_norm: float) -> None:
@@ -557,6 +568,8 @@ class Trainer:
         self.write_log(final={"dev": dev_metrics, "predictions": paths, "peak_memory_bytes": peak_memory,
                               "inference_seconds_per_example": seconds_per_example})
         result = self.result(best_dir, paths, dev_metrics, seconds_per_example, peak_memory)
+        if self.dist.is_main:
+            plot_run(self.run_dir, self.history, self.task.metric, f"{self.task.name} / {self.config.method.method}")
         self.report(result)
         return result
 
@@ -582,6 +595,8 @@ class Trainer:
         finally:
             if self.cache is not None:
                 feature_cache.detach(self.gpt, self.cache)
+            if self.step_log is not None:
+                self.step_log.close()
             self.lock.release()
 
 

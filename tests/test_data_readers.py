@@ -267,7 +267,7 @@ def test_prediction_file_format_and_round_trip(tmp_path):
         read_predictions(path, PARAPHRASE_COLUMN)
     para = tmp_path / "para.csv"
     write_predictions(para, PARAPHRASE_COLUMN, ("x", "y"), ["yes", 8505])
-    assert para.read_text() == "id \t Predicted_Is_Paraphrase \nx , yes \ny , 8505 \n"
+    assert para.read_text() == "id \t Predicted_Is_Paraphrase \nx, yes \ny, 8505 \n"
     assert read_predictions(para) == {"x": "yes", "y": 8505}
     # No temporary files left behind.
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["full-sst-dev-out.csv", "para.csv", "predictions"]
