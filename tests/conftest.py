@@ -35,3 +35,18 @@ def task_files(tmp_path_factory) -> TaskFiles:
     tokenizer = tokenizer_dir(root)
     model = "random:tiny" if tokenizer == SHARED_TOKENIZER else tiny_vocabulary_model(root / "model", tokenizer)
     return TaskFiles(write_data_dir(root / "data"), tokenizer, model)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, task_files):
+    """trained_run(task, method="lora") -> the directory of a finished one-epoch run on a tiny model, trained once
+    a session (tests must not change it: write predictions elsewhere)."""
+    from tests.fixtures.runs import train_run
+
+    root, runs = tmp_path_factory.mktemp("trained-runs"), {}
+
+    def get(task: str, method: str = "lora"):
+        if (task, method) not in runs:
+            runs[task, method] = train_run(root, task_files, task, method)
+        return runs[task, method]
+    return get

@@ -71,3 +71,28 @@ def test_generation_command_line_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--model", "random:tiny", "--prompt", "Hi", "--top-p", "0.9"])  # sampling flags without --sample
     assert "add --sample" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # trains a sonnet run and a sentiment run
+def test_generation_command_with_a_trained_adapter(trained_run, tmp_path, capsys):
+    """--adapter RUN/best applies the run's method and tensors to the base it records: greedy output equals the
+    run's model loaded in Python; a classifier's adapter is refused with a reason."""
+    from models.generation import generate_text, main
+    from models.tokenizer import GPT2Tokenizer
+    from tasks.saved_run import load_run, read_run_config
+
+    run_dir = trained_run("sonnet")
+    config = read_run_config(run_dir)
+    args = ["--adapter", str(run_dir / "best"), "--tokenizer", config.tokenizer, "--prompt", "Shall I compare thee",
+            "--max-new-tokens", "8", "--device", "cpu", "--precision", "fp32"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    model = load_run(run_dir, precision="fp32")
+    tokenizer = GPT2Tokenizer.from_pretrained(config.tokenizer)
+    expected = generate_text(model, tokenizer, ["Shall I compare thee"],
+                             SamplingConfig(max_new_tokens=8, stop_token_id=tokenizer.eos_token_id))[0]
+    assert printed == f"Shall I compare thee{expected}\n\n"
+
+    assert main(["--adapter", str(trained_run("sst") / "best"), "--tokenizer", config.tokenizer,
+                 "--prompt", "x", "--device", "cpu"]) == 1
+    assert "belongs to a classifier" in capsys.readouterr().err

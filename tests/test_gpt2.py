@@ -126,3 +126,23 @@ def test_set_dropout_sets_the_base_model_and_leaves_method_parts_alone():
     assert not torch.equal(gpt(ids)["last_hidden_state"], gpt(ids)["last_hidden_state"])
     with pytest.raises(ValueError, match="dropout"):
         gpt.set_dropout(1.0)
+
+
+def test_course_call_shape_checks_the_sizes(tmp_path):
+    """The course passes d, l and num_heads beside the name: they must be the checkpoint's."""
+    import warnings
+
+    from models.config import GPT2Config
+
+    GPT2Model(GPT2Config.preset("tiny")).save_pretrained(tmp_path / "tiny")
+    model = GPT2Model.from_pretrained(model=str(tmp_path / "tiny"), d=64, l=2, num_heads=4)
+    assert (model.config.n_embd, model.config.n_layer, model.config.n_head) == (64, 2, 4)
+    with pytest.raises(ValueError, match=r"d=768 but it has n_embd 64; l=12 but it has n_layer 2; num_heads=12 but it "
+                                         r"has n_head 4 \(leave d, l and num_heads out"):
+        GPT2Model.from_pretrained(model=str(tmp_path / "tiny"), d=768, l=12, num_heads=12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="num_heads=8 but it has n_head 12"):
+            GPT2Model.from_pretrained(model="random:gpt2", num_heads=8)
+    with pytest.raises(ValueError, match="disagree"):
+        GPT2Model.from_pretrained("gpt2", model="gpt2-medium")

@@ -82,3 +82,24 @@ def test_train_mode_without_dropout_matches_reference(tmp_path):
     assert ours.config.dropout == 0.0
     ids, mask = padded_batch(reference.config.vocab_size, [8, 8])
     assert_matches_reference(ours, reference.train(), ids, mask)
+
+
+def test_course_sanity_check(tmp_path):
+    """sanity_check.py as the course runs it: GPT2Model.from_pretrained(model=..., d=..., l=..., num_heads=...), its
+    right-padded batch, last_hidden_state at the real positions against transformers' GPT2Model (atol 1e-1, rtol
+    1e-2; here also within TOL). Random weights of a small width with GPT-2's vocabulary, as the ids need it."""
+    reference = random_hf_model(small_hf_config(vocab_size=50257, n_positions=16))
+    directory = save_safetensors_with_prefix(reference, tmp_path / "gpt2-small")
+    sent_ids = torch.tensor([[101, 7592, 2088, 102, 0, 0, 0, 0],
+                             [101, 7592, 15756, 2897, 2005, 17953, 2361, 102]])
+    att_mask = torch.tensor([[1, 1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
+    openai_model = transformers.GPT2Model.from_pretrained(directory).eval()
+    gpt = GPT2Model.from_pretrained(model=str(directory), d=48, l=3, num_heads=4)
+    outputs = gpt(sent_ids, att_mask)
+    with torch.no_grad():
+        openai_outputs = openai_model(input_ids=sent_ids, attention_mask=att_mask,
+                                      output_hidden_states=True).hidden_states[-1]
+    mask = att_mask.unsqueeze(-1)
+    ours, theirs = outputs["last_hidden_state"].detach() * mask, openai_outputs * mask
+    assert torch.allclose(ours, theirs, atol=1e-1, rtol=1e-2)
+    torch.testing.assert_close(ours, theirs, atol=TOL, rtol=0)

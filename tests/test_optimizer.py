@@ -161,3 +161,29 @@ def test_bad_arguments(kwargs, message):
 def test_bad_param_group_value():
     with pytest.raises(ValueError, match="param group 1: lr must be >= 0"):
         AdamW([{"params": [nn.Parameter(torch.ones(1))]}, {"params": [nn.Parameter(torch.ones(1))], "lr": -1.0}])
+
+
+# The course's reference: optimizer_test.npy of the CS224n GPT-2 starter (float32, 2 x 3), the weights its
+# optimizer_test.py procedure (below, as the course runs it) reaches with the course's AdamW.
+COURSE_REFERENCE = [[0.554827868938446, 0.8666566610336304, 0.0729198157787323],
+                    [-0.4472450613975525, -0.29512280225753784, -0.27172720432281494]]
+
+
+def test_course_optimizer_test_passes():
+    """optimizer_test.py: a bias-free Linear(3, 2) trained 1,000 steps on numpy draws, lr 1e-3, weight decay 1e-4,
+    correct_bias=True, compared with the reference at atol 1e-6, rtol 1e-4."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2, bias=False)
+    optimizer = AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4, correct_bias=True)
+    for _ in range(1000):
+        optimizer.zero_grad()
+        x = torch.FloatTensor(rng.uniform(size=[model.in_features]))
+        loss = ((torch.Tensor([x[0] + x[1], -x[2]]) - model(x)) ** 2).sum()
+        loss.backward()
+        optimizer.step()
+    reference = torch.tensor(COURSE_REFERENCE)
+    assert torch.allclose(reference, model.weight.detach(), atol=1e-6, rtol=1e-4)
+    assert not torch.allclose(reference, nn.Linear(3, 2, bias=False).weight.detach(), atol=1e-2)  # it trained
