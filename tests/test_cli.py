@@ -104,3 +104,45 @@ def test_an_id_the_prediction_files_cannot_hold_is_found_when_the_dev_file_is_re
     code, _, err = run_script("sentiment", base_args(tmp_path, task_files._replace(data=data_dir)))
     assert code == 1 and not trained and "Traceback" not in err
     assert err.startswith(f"error: {dev}:3: id '{sent_id},x' contains a comma")
+
+
+def test_the_course_flags_set_the_same_settings():
+    """The CS224n starter's flags (classifier.py, paraphrase_detection.py, sonnet_generation.py) as aliases."""
+    config = parse_args("sst", ["--fine-tune-mode", "last-linear-layer", "--use_gpu", "--batch_size", "64",
+                                "--hidden_dropout_prob", "0.3", "--lr", "1e-3", "--epochs", "10", "--seed", "1"])
+    assert (config.method.method, config.device, config.batch_size, config.dropout, config.learning_rate,
+            config.epochs, config.seed) == ("last-linear-layer", "cuda", 64, 0.3, 1e-3, 10, 1)
+    assert parse_args("sst", ["--fine-tune-mode", "full-model"]).method.method == "full"
+    quora = parse_args("quora", ["--model_size", "gpt2-medium", "--para_train", "q/train.csv", "--para_dev",
+                                 "q/dev.csv", "--para_test", "q/test.csv", "--para_dev_out", "out/d.csv",
+                                 "--para_test_out", "out/t.csv"])
+    assert quora.model == "gpt2-medium"
+    assert quora.data_paths()["train"].as_posix() == "q/train.csv" and quora.data_paths()["test"].as_posix() == "q/test.csv"
+    assert quora.prediction_files == {"dev": "out/d.csv", "test": "out/t.csv"}
+    sonnet = parse_args("sonnet", ["--temperature", "1.2", "--top_p", "0.9", "--sonnet_path", "s.txt",
+                                   "--held_out_sonnet_path", "h.txt", "--sonnet_out", "g.txt", "--method", "lora"])
+    assert (sonnet.top_p, sonnet.data_files, sonnet.prediction_files) == \
+        (0.9, {"train": "s.txt", "test": "h.txt"}, {"test": "g.txt"})
+    assert parse_args("sst", ["--course-names"]).course_names
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch_size", "0"], "argument --batch_size: must be a positive integer, got '0'"),
+    (["--fine-tune-mode", "full-model", "--method", "lora"], "--fine-tune-mode full-model means --method full, not lora"),
+    (["--fine-tune-mode", "pretrain"], "argument --fine-tune-mode: invalid choice"),
+])
+def test_course_flag_errors_name_the_flag_as_typed(capsys, argv, message):
+    with pytest.raises(SystemExit):
+        parse_args("sst", argv)
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow  # a training run
+def test_course_names_from_the_training_script(tmp_path, task_files):
+    code, _, err = run_script("paraphrase", base_args(tmp_path, task_files, course_names=True,
+                                                      max_eval_examples=4) + ["--para_dev_out", str(tmp_path / "d.csv")])
+    assert code == 0, err
+    from data.readers import PARAPHRASE_COLUMN, read_predictions
+
+    assert set(read_predictions(tmp_path / "d.csv", PARAPHRASE_COLUMN).values()) <= {3919, 8505}
+    assert not (tmp_path / "predictions" / "para-dev-output.csv").exists()  # the course flag named another file
