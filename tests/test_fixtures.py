@@ -33,3 +33,22 @@ def test_base_args_parse_into_the_config_they_describe(tmp_path, task_files):
     assert (config.model, config.precision, config.epochs, config.batch_size, config.dropout, config.resume) == (
         str(task_files.model), "fp32", 3, 4, 0.0, True)
     assert config.run_dir == tmp_path / "run"
+
+
+def test_real_weights_are_found_or_skipped_with_a_reason(tmp_path):
+    """GPT2_WEIGHTS names the directory; without it, the hub cache; else a skip that says how to provide them.
+    A variable naming no checkpoint is an error (a typo must not turn the run into skips)."""
+    from models.gpt2 import GPT2Config, GPT2Model
+    from tests.fixtures.real_weights import NOT_FOUND, WEIGHTS_ENV, locate_weights
+
+    assert locate_weights({}, hub_lookup=lambda: None) == (None, NOT_FOUND)
+    assert WEIGHTS_ENV in NOT_FOUND and "hub cache" in NOT_FOUND
+    assert locate_weights({}, hub_lookup=lambda: tmp_path) == (tmp_path, "")
+    with pytest.raises(ValueError, match=f"{WEIGHTS_ENV}={tmp_path}: .*no config.json"):
+        locate_weights({WEIGHTS_ENV: str(tmp_path)}, hub_lookup=lambda: None)
+    with pytest.raises(ValueError, match="not a checkpoint directory"):
+        locate_weights({WEIGHTS_ENV: str(tmp_path / "missing")})
+    GPT2Model(GPT2Config.preset("tiny")).save_pretrained(tmp_path / "gpt2")
+    assert locate_weights({WEIGHTS_ENV: str(tmp_path / "gpt2")}, hub_lookup=lambda: None) == (tmp_path / "gpt2", "")
+    with pytest.raises(ValueError, match="not a file"):
+        locate_weights({WEIGHTS_ENV: str(tmp_path / "gpt2" / "model.safetensors")})
