@@ -7,6 +7,7 @@ import dataclasses
 import sys
 from typing import Optional, Sequence
 
+from data.course import COURSE_MODES, MODE_FAMILIES
 from models.gpt2 import PRECISION_CHOICES, PRECISION_HELP
 from models.methods import (
     MethodConfig,
@@ -185,7 +186,6 @@ COURSE_FILE_FLAGS = {
     "sonnet": {"--sonnet_path": ("data_files", "train"), "--held_out_sonnet_path": ("data_files", "test"),
                "--sonnet_out": ("prediction_files", "test")},
 }
-FINE_TUNE_MODES = {"last-linear-layer": "last-linear-layer", "full-model": "full"}
 # The course's spelling of flags this project has: the same setting, checked the same way.
 COURSE_ALIASES = {"--batch_size": "--batch-size", "--hidden_dropout_prob": "--dropout", "--model_size": "--model",
                   "--top_p": "--top-p"}
@@ -200,12 +200,17 @@ def add_course_arguments(parser: argparse.ArgumentParser, script: str) -> None:
         if action is not None:  # --top_p: the sonnet script only
             group.add_argument(alias, dest=action.dest, type=action.type, choices=action.choices,
                                default=argparse.SUPPRESS, metavar=action.metavar, help=ours)
-    group.add_argument("--fine-tune-mode", choices=tuple(FINE_TUNE_MODES), default=None,
-                       help="last-linear-layer: --method last-linear-layer; full-model: --method full")
+    group.add_argument("--fine-tune-mode", choices=COURSE_MODES, default=None,
+                       help="; ".join(f"{mode}: --method {course_method(mode)}" for mode in COURSE_MODES))
     group.add_argument("--use_gpu", dest="device", action="store_const", const="cuda", help="--device cuda")
     for flag, (field, split) in COURSE_FILE_FLAGS[script].items():
         what = "data file" if field == "data_files" else "predictions file"
         group.add_argument(flag, dest=course_dest(flag), default=None, metavar="PATH", help=f"the {split} {what}")
+
+
+def course_method(mode: str) -> str:
+    """The method of a course fine-tune mode: the registered one of the mode's family (data/course.py)."""
+    return next(m.name for m in registered_methods() if m.family == MODE_FAMILIES[mode])
 
 
 def course_dest(flag: str) -> str:
@@ -271,9 +276,9 @@ def method_config_from_args(args: argparse.Namespace, parser: Optional[argparse.
 def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainConfig:
     mode = getattr(args, "fine_tune_mode", None)
     if mode is not None:
-        if args.method not in (MethodConfig().method, FINE_TUNE_MODES[mode]):
-            parser.error(f"--fine-tune-mode {mode} means --method {FINE_TUNE_MODES[mode]}, not {args.method}")
-        args.method = FINE_TUNE_MODES[mode]
+        if args.method not in (MethodConfig().method, course_method(mode)):
+            parser.error(f"--fine-tune-mode {mode} means --method {course_method(mode)}, not {args.method}")
+        args.method = course_method(mode)
     method = method_config_from_args(args, parser)
     # Flags are named after TrainConfig's fields; a script without some flags (sampling) keeps their defaults.
     fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)

@@ -35,7 +35,7 @@ class TrainConfig:
     # Per-split overrides, as the course's flags give them (--para_train, --sonnet_out, ...): split -> path.
     data_files: dict = field(default_factory=dict)  # train / dev / test / dev_true instead of data_dir's file
     prediction_files: dict = field(default_factory=dict)  # dev / test instead of the predictions_dir name
-    course_names: bool = False  # predictions under the CS224n file names and label values (tasks/course.py)
+    course_names: bool = False  # predictions under the CS224n file names and label values (data/course.py)
 
     epochs: int = 10
     lr: Optional[float] = None  # None: the method's default (models/methods.py: 1e-5 for full, 1e-3 for the rest)

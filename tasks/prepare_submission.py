@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from tasks.course import SUBMISSION_ZIP, course_prediction_path, write_submission_zip
+from data.course import SUBMISSION_ZIP, course_mode, course_prediction_path, write_submission_zip
 from tasks.predict import predict_run
 from tasks.saved_run import open_run, read_run_config
 
@@ -23,7 +23,7 @@ def check_distinct(run_dirs: Sequence[Path]) -> None:
     owners: dict[Path, Path] = {}
     for run_dir in run_dirs:
         config = read_run_config(run_dir)
-        target = course_prediction_path(config.task, config.method.method, "dev")
+        target = course_prediction_path(config.task, course_mode(config.method.spec.family), "dev")
         if target in owners:
             raise ValueError(f"{owners[target]} and {run_dir} would both write {target.name}; give one run per "
                              "task (and per fine-tune mode for sentiment)")

@@ -110,17 +110,18 @@ class Task(ABC):
     def output_path(self, config: TrainConfig, split: str) -> Path:
         """Where a split's predictions go: the file the config names for it (the course's --para_dev_out and
         friends), else the course's name with `course_names`, else this project's `prediction_path`."""
-        from tasks.course import course_prediction_path
+        from data.course import course_mode, course_prediction_path
 
         if split in config.prediction_files:
             return Path(config.prediction_files[split])
         if config.course_names:
-            return course_prediction_path(self.name, config.method.method, split, config.predictions_dir)
+            mode = course_mode(config.method.spec.family)
+            return course_prediction_path(self.name, mode, split, config.predictions_dir)
         return self.prediction_path(config, split)
 
     def write_output(self, config: TrainConfig, path: Path, examples: Sequence[Example], predictions: list) -> None:
         """`write_predictions`, with the course's label values when `config.course_names`."""
-        from tasks.course import course_values
+        from data.course import course_values
 
         self.write_predictions(path, examples, course_values(self.name, predictions) if config.course_names
                                else predictions)

@@ -5,7 +5,7 @@ import zipfile
 
 import pytest
 
-from tasks.course import (
+from data.course import (
     SUBMISSION_ZIP,
     course_mode,
     course_prediction_path,
@@ -16,17 +16,21 @@ from tasks.course import (
 
 
 def test_course_file_names():
-    assert course_mode("last-linear-layer") == "last-linear-layer"
-    assert course_mode("full") == course_mode("loreft") == "full-model"
-    names = {(task, method, split): course_prediction_path(task, method, split).as_posix()
-             for task in ("sst", "cfimdb", "quora", "sonnet") for method in ("last-linear-layer", "lora")
+    from models.methods import get_method
+
+    modes = {name: course_mode(get_method(name).family) for name in ("last-linear-layer", "full", "lora", "loreft")}
+    assert modes == {"last-linear-layer": "last-linear-layer", "full": "full-model", "lora": "full-model",
+                     "loreft": "full-model"}
+    names = {(task, mode, split): course_prediction_path(task, mode, split).as_posix()
+             for task in ("sst", "cfimdb", "quora", "sonnet") for mode in ("last-linear-layer", "full-model")
              for split in ("dev", "test")}
     assert names["sst", "last-linear-layer", "dev"] == "predictions/last-linear-layer-sst-dev-out.csv"
-    assert names["cfimdb", "lora", "test"] == "predictions/full-model-cfimdb-test-out.csv"
-    assert names["quora", "lora", "dev"] == "predictions/para-dev-output.csv"
-    assert names["quora", "lora", "test"] == "predictions/para-test-output.csv"
-    assert names["sonnet", "lora", "test"] == "predictions/generated_sonnets.txt"
-    assert course_prediction_path("sst", "full", "dev", "out").as_posix() == "out/full-model-sst-dev-out.csv"
+    assert names["cfimdb", "full-model", "test"] == "predictions/full-model-cfimdb-test-out.csv"
+    assert names["quora", "full-model", "dev"] == names["quora", "last-linear-layer", "dev"] == \
+        "predictions/para-dev-output.csv"
+    assert names["quora", "full-model", "test"] == "predictions/para-test-output.csv"
+    assert names["sonnet", "full-model", "test"] == "predictions/generated_sonnets.txt"
+    assert course_prediction_path("sst", "full-model", "dev", "out").as_posix() == "out/full-model-sst-dev-out.csv"
 
 
 def test_course_label_values():

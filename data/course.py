@@ -1,6 +1,7 @@
 """The Stanford CS224n GPT-2 project's submission conventions: its prediction file names, its label values and
 the zip its prepare_submit.py makes. Used by `--course-names` (training scripts, tasks.predict) and by
-`python -m tasks.prepare_submission`.
+`python -m tasks.prepare_submission`; methods come in as their registry family (models/methods.py), so this
+module knows no method.
 
 What the course's scripts write (its public starter):
 - classifier.py: `predictions/{fine_tune_mode}-{sst|cfimdb}-{dev|test}-out.csv`, fine_tune_mode being
@@ -27,16 +28,21 @@ ZIPPED_DIRECTORIES = ("predictions", "models", "modules")  # the course's; CODE_
 CODE_DIRECTORIES = ("tasks", "data")  # what models/ and the scripts import: without them the code cannot run
 
 
-def course_mode(method: str) -> str:
-    """The course's --fine-tune-mode for a method: last-linear-layer trains the head only; every other method
-    adapts GPT-2 itself, which the course calls full-model."""
-    return "last-linear-layer" if method == "last-linear-layer" else "full-model"
+# --fine-tune-mode: which registry family each course mode is. Every method that adapts GPT-2 itself is what the
+# course calls full-model; only a method training the head alone is last-linear-layer.
+MODE_FAMILIES = {"last-linear-layer": "head", "full-model": "base"}
 
 
-def course_prediction_path(task: str, method: str, split: str, directory: str | Path = "predictions") -> Path:
+def course_mode(family: str) -> str:
+    """The course's fine-tune mode of a method of this registry family."""
+    return COURSE_MODES[0] if family == MODE_FAMILIES[COURSE_MODES[0]] else COURSE_MODES[1]
+
+
+def course_prediction_path(task: str, mode: str, split: str, directory: str | Path = "predictions") -> Path:
+    """The course's name of a split's predictions of `task`; `mode` (COURSE_MODES) names sentiment files."""
     directory = Path(directory)
     if task in ("sst", "cfimdb"):
-        return directory / f"{course_mode(method)}-{task}-{split}-out.csv"
+        return directory / f"{mode}-{task}-{split}-out.csv"
     if task == "quora":
         return directory / f"para-{split}-output.csv"
     if task == "sonnet":  # the course writes the test sonnets only; the dev ones get the name students use
