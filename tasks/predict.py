@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from models.gpt2 import PRECISION_CHOICES, PRECISION_HELP
+from models.peft import find_gpt2
 from tasks.cli import positive_int
 from tasks.saved_run import SavedRun, open_run
 
@@ -30,8 +31,7 @@ def predict_run(run: SavedRun, *, data_dir: Optional[str] = None, predictions_di
     if predictions_dir is not None or course_names is not None:
         config.prediction_files = {}  # files the run named one by one (--para_dev_out ...) give way to the request
     task, model = run.task, run.model
-    max_length = min(config.max_length or model_context(model), model_context(model))
-    data = task.load(config, run.tokenizer, max_length)
+    data = task.load(config, run.tokenizer, config.max_length or find_gpt2(model).config.n_positions)
     for note in data.notes:
         say(note)
     result = {"dev": {}, "paths": {}}
@@ -50,12 +50,6 @@ def predict_run(run: SavedRun, *, data_dir: Optional[str] = None, predictions_di
     say(f"{task.name} / {config.method.method} ({run.run_dir}): {score}; predictions: "
         + (", ".join(result["paths"].values()) or "none"))
     return result
-
-
-def model_context(model) -> int:
-    from models.peft import find_gpt2
-
-    return find_gpt2(model).config.n_positions
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,7 +21,6 @@ from torch import nn
 
 from models.gpt2 import GPT2Model, resolve_device, resolve_precision
 from models.peft import ADAPTER_CONFIG, apply_method, load_adapter, read_adapter_config
-from models.methods import MethodConfig
 from models.tokenizer import GPT2Tokenizer, tokenizer_source
 import tasks
 from tasks.config import TrainConfig
@@ -74,7 +73,7 @@ def open_run(run_dir: str | Path, *, device: str = "cpu", precision: Optional[st
         gpt = GPT2Model.from_pretrained(base, device=device)
     if config.dropout is not None:
         gpt.set_dropout(config.dropout)
-    apply_method(gpt, MethodConfig.from_dict(config.method.to_dict()))
+    apply_method(gpt, config.method)
     task_model = task.build_model(gpt, tokenizer).to(device)
     load_adapter(task_model, best, allow_other_base=allow_other_base)
     gpt.set_precision(resolve_precision(precision or config.precision, device))
