@@ -216,12 +216,12 @@ def _warn_skipped(report: ReadReport) -> None:
 
 
 def id_problem(text: str) -> Optional[str]:
-    """Why `text` cannot be an example id, or None. A prediction file line is `<id> , <prediction>`, so an id
+    """Why `text` cannot be an example id, or None. A prediction file line is `<id>, <prediction>`, so an id
     must be non-empty and hold no comma; the readers refuse such ids (with the line) before any training."""
     if not text.strip():
         return "empty id"
     if "," in text:
-        return f"id {text!r} contains a comma, which the prediction files (`<id> , <prediction>`) cannot hold"
+        return f"id {text!r} contains a comma, which the prediction files (`<id>, <prediction>`) cannot hold"
     return None
 
 

@@ -149,7 +149,7 @@ def load_language_model_adapter(model, directory: str, allow_other_base: bool) -
     if any(key.startswith("head.") for key in keys):
         raise ValueError(f"{directory}: this adapter belongs to a classifier (its tensors include a task head, "
                          "head.*): generation needs a language-model adapter, such as a sonnet run's <run>/best")
-    load_adapter(model, directory, allow_other_base=allow_other_base)
+    load_adapter(model, directory, trainable=True, allow_other_base=allow_other_base)
 
 
 def main(argv=None) -> int:
@@ -185,9 +185,11 @@ def main(argv=None) -> int:
     try:
         base = args.model or (adapter_base(args.adapter) if args.adapter else None) or "gpt2"
         model = GPT2Model.from_pretrained(base, device=args.device)
-        if args.adapter:
+        if args.adapter:  # its tensors stay trainable while the precision is applied, so they stay fp32
             load_language_model_adapter(model, args.adapter, args.allow_other_base)
-        model.requires_grad_(False).set_precision(args.precision)  # inference only: every weight is frozen
+        else:
+            model.requires_grad_(False)  # inference only: every weight frozen, so bf16 stores them all
+        model.set_precision(args.precision).requires_grad_(False)
         tokenizer = GPT2Tokenizer.from_pretrained(tokenizer_source(base, args.tokenizer))
         sampling.stop_token_id = tokenizer.eos_token_id
         generator = torch.Generator(model.wte.weight.device).manual_seed(args.seed)

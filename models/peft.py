@@ -270,7 +270,8 @@ def load_adapter_files(model: nn.Module, directory: Path, name: Optional[str], t
     if different:
         details = ", ".join(f"{k} {saved} vs {ours}" for k, (saved, ours) in different.items())
         raise ValueError(f"{directory}: adapter was trained on a base model of another shape (adapter vs this model: {details})")
-    check_same_base(config.get("base_model"), gpt, str(directory), allow_other_base)
+    if not any(m.spec.family == "base" for m in methods):  # a full fine-tuning file replaces every base weight
+        check_same_base(config.get("base_model"), gpt, str(directory), allow_other_base)
     try:
         tensors = load_file(directory / ADAPTER_WEIGHTS)
     except (SafetensorError, OSError) as error:

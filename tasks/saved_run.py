@@ -75,7 +75,8 @@ def open_run(run_dir: str | Path, *, device: str = "cpu", precision: Optional[st
         gpt.set_dropout(config.dropout)
     apply_method(gpt, config.method)
     task_model = task.build_model(gpt, tokenizer).to(device)
-    load_adapter(task_model, best, allow_other_base=allow_other_base)
+    # Trainable as in training while the precision is applied (what trains stays fp32), then frozen unless asked.
+    load_adapter(task_model, best, trainable=True, allow_other_base=allow_other_base)
     gpt.set_precision(resolve_precision(precision or config.precision, device))
     task_model.eval()
     if not trainable:

@@ -71,3 +71,13 @@ def test_adapters_without_a_recorded_base_still_load(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning either
         load_adapter(random_model("tiny"), directory)
+
+
+def test_a_full_fine_tuning_adapter_fits_any_base_of_its_shape(tmp_path):
+    """It holds every base weight, so the base it lands on does not matter: no check, the same outputs."""
+    model = apply_method(GPT2Model.from_pretrained(saved_model(tmp_path)), MethodConfig("full"))
+    directory = save_adapter(model, tmp_path / "full")
+    other = load_adapter(GPT2Model.from_pretrained(saved_model(tmp_path, seed=1)), directory)
+    ids = torch.randint(0, 1000, (1, 6))
+    with torch.no_grad():
+        assert torch.equal(other(ids)["last_hidden_state"], model(ids)["last_hidden_state"])

@@ -166,7 +166,7 @@ def test_missing_columns_named_with_the_header_found(tmp_path):
     ("1\tb\tshort", "found 3"),
     ("1\tb\t   \t2", "empty sentence"),
     ("1\t\ttext\t2", "empty id"),
-    ("1\tb,c\ttext\t2", "id 'b,c' contains a comma, which the prediction files (`<id> , <prediction>`) cannot hold"),
+    ("1\tb,c\ttext\t2", "id 'b,c' contains a comma, which the prediction files (`<id>, <prediction>`) cannot hold"),
     ('1\t"b,c"\ttext\t2', "id 'b,c' contains a comma"),
     ("1\tb\ttext\t3.5", "unknown label '3.5'"),
     ("1\tb\ttext\tx", "unknown label 'x'"),
