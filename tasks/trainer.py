@@ -233,15 +233,18 @@ class Trainer:
             raise ValueError(f"--method {config.method.method} leaves nothing to train on task {self.task.name}")
         self.optimizer = build_optimizer(self.model, config.learning_rate, config.weight_decay)
         self.steps_per_epoch = math.ceil(math.ceil(len(self.splits["train"]) / config.batch_size) / config.grad_accum)
-        total = self.steps_per_epoch * config.epochs
+        # A step budget sets the epochs (the last one may be partial) and the length of the schedule.
+        self.epochs = math.ceil(config.budget_steps / self.steps_per_epoch) if config.budget_steps else config.epochs
+        total = config.budget_steps or self.steps_per_epoch * self.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_then_decay(total, round(config.warmup_ratio * total)))
         self.loss_module = self.dist.wrap(LossModule(self.task, self.model), self.device)
         self.say(f"{self.task.name} / {config.method.method}: {format_parameter_summary(self.model)}")
         self.say(f"  {len(self.splits['train'])} train, {len(self.splits['dev'])} dev, {len(self.splits['test'])} test "
-                 f"examples; {config.epochs} epoch{'s' if config.epochs > 1 else ''} of {self.steps_per_epoch} steps (batch {config.batch_size} x "
+                 f"examples; {self.epochs} epoch{'s' if self.epochs > 1 else ''} of {self.steps_per_epoch} steps (batch {config.batch_size} x "
                  f"{config.grad_accum} accumulation); lr {config.learning_rate:g}; {self.device} {self.precision}"
-                 + (f"; {self.dist.world_size} processes" if self.dist.enabled else ""))
+                 + (f"; {self.dist.world_size} processes" if self.dist.enabled else "")
+                 + (f"; budget {config.budget}" if config.budget_steps or config.budget_seconds else ""))
         for note in self.data_notes:
             self.say(note)
         if resume_state is not None:
@@ -299,7 +302,7 @@ class Trainer:
                 "lr": c.learning_rate, "batch_size": c.batch_size, "grad_accum": c.grad_accum,
                 "warmup_ratio": c.warmup_ratio, "weight_decay": c.weight_decay, "max_grad_norm": c.max_grad_norm,
                 "max_length": c.max_length, "max_train_examples": c.max_train_examples, "dropout": c.dropout,
-                "cache": c.cache}
+                "cache": c.cache, "budget_steps": c.budget_steps, "budget_seconds": c.budget_seconds}
 
     # ---- checkpoints
     def save_resume_checkpoint(self) -> None:
@@ -366,10 +369,10 @@ class Trainer:
                      "train_tokens": int(tokens), "train_tokens_per_second": tokens / max(progress.seconds, 1e-9),
                      "grad_norm": progress.grad_norm_sum / max(progress.epoch_steps, 1),
                      "lr": self.scheduler.get_last_lr()[0], "step": progress.step}
-            if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
+            if (epoch + 1) % config.eval_every == 0 or epoch + 1 == self.epochs or self.budget_spent():
                 entry.update(self.evaluate_epoch(epoch))
             self.history.append(entry)
-            self.say(f"epoch {epoch + 1}/{config.epochs}: train loss {entry['train_loss']:.4f}"
+            self.say(f"epoch {epoch + 1}/{self.epochs}: train loss {entry['train_loss']:.4f}"
                      + (f", dev {self.task.describe(entry['dev'])}" if entry.get("dev") else "")
                      + f" ({entry['train_seconds']:.1f} s, {entry['train_tokens_per_second']:.0f} tokens/s)")
             if self.cache is not None:
@@ -383,7 +386,16 @@ class Trainer:
     def done(self) -> bool:
         if self.config.patience is not None and self.best.stale >= self.config.patience:
             self.status = "early stopping"
-        return self.status != "running" or self.progress.epoch >= self.config.epochs
+        return self.status != "running" or self.progress.epoch >= self.epochs or self.budget_spent()
+
+    def budget_spent(self) -> bool:
+        """Whether --budget-steps or --budget-seconds (training time of the finished epochs and this one) is used up."""
+        config, progress = self.config, self.progress
+        if config.budget_steps is not None:
+            return progress.step >= config.budget_steps
+        if config.budget_seconds is not None:
+            return sum(e["train_seconds"] for e in self.history) + progress.seconds >= config.budget_seconds
+        return False
 
     def train_epoch(self, epoch: int) -> None:
         config, train = self.config, self.splits["train"]
@@ -391,7 +403,7 @@ class Trainer:
         groups = [batches[i:i + config.grad_accum] for i in range(0, len(batches), config.grad_accum)]
         first_group = self.progress.batch // config.grad_accum
         self.model.train()
-        with self.bar(total=len(groups), initial=first_group, desc=f"epoch {epoch + 1}/{config.epochs}") as bar:
+        with self.bar(total=len(groups), initial=first_group, desc=f"epoch {epoch + 1}/{self.epochs}") as bar:
             for group in groups[first_group:]:
                 start = time.perf_counter()
                 step_loss = self.train_step(group, train)
@@ -402,6 +414,8 @@ class Trainer:
                 if config.save_every_steps and self.progress.step % config.save_every_steps == 0 \
                         and self.progress.batch < len(batches):
                     self.save_resume_checkpoint()
+                if self.budget_spent():
+                    break
 
     def train_step(self, group: list[list[int]], train: list[Example]) -> float:
         """One optimizer step over `group` (grad_accum micro-batches of the global batch); returns its mean loss."""
