@@ -23,7 +23,7 @@ from data.atomic import atomic_save
 from models.loading import CheckpointError, load_torch_file
 
 CHECKPOINT_FORMAT = "gpt2-peft-training-checkpoint"
-RUN_FILES = ("log.json", "best", "last")
+RUN_FILES = ("log.json", "best", "last", "layer_scores.png")
 # What a resume reads from the checkpoint ("fingerprints" is checked when present: older checkpoints lack it).
 CHECKPOINT_KEYS = ("identity", "trainable", "optimizer", "scheduler", "rng", "progress", "best", "history")
 

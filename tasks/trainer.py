@@ -49,6 +49,7 @@ from tasks import feature_cache
 from tasks.batching import bucketed_batches
 from tasks.config import TrainConfig
 from tasks.distributed import Distributed, setup_distributed, teardown_distributed
+from tasks.layer_choice import plot_layer_scores, resolve_auto_layers
 from tasks.task import Example, Task, examples_fingerprint
 
 
@@ -187,6 +188,7 @@ class Trainer:
         self.progress = Progress()
         self.status = "running"
         self.latest_dev = None  # (epoch, predictions, seconds) of the newest dev evaluation in this process
+        self.layer_choice, self.layer_plot = None, None  # --layers auto:K (tasks/layer_choice.py)
         self.lock = ckpt.RunLock(self.run_dir)
         self.cache = None  # the frozen part's cache (tasks/feature_cache.py), when the method leaves one to keep
 
@@ -215,8 +217,7 @@ class Trainer:
         resume_state = ckpt.load_checkpoint(ckpt.checkpoint_path(self.run_dir), self.identity()) if resume else None
         self.dist.barrier()
         self.tokenizer = GPT2Tokenizer.from_pretrained(tokenizer_source(config))
-        self.build_model()
-        self.load_data()
+        self.build_model()  # loads the data too
         if resume_state is not None:  # the same settings (checked above), but also the same data and tokenizer?
             ckpt.check_fingerprints(ckpt.checkpoint_path(self.run_dir), resume_state, self.fingerprints,
                                     self.fingerprint_sources())
@@ -225,6 +226,8 @@ class Trainer:
                 self.say(f"  {self.run_dir} has no checkpoint yet (the run stopped before its first one): starting "
                          "it again from the beginning")
             ckpt.clear_run_dir(self.run_dir)
+        if self.layer_choice is not None:
+            self.report_layer_choice()
         self.dist.barrier()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.cache = feature_cache.attach(self.model, self.gpt, config.cache, config.cache_memory, self.run_dir, self.say)
@@ -265,9 +268,23 @@ class Trainer:
                              "tokenizer that belongs to the model")
         if config.dropout is not None:
             gpt.set_dropout(config.dropout)
-        apply_method(gpt, config.method)
+        self.gpt = gpt
+        self.load_data()  # before the method: --layers auto:K probes the frozen model on the data
+        method, self.layer_choice = resolve_auto_layers(self.task, gpt, self.splits, config.method, config.seed,
+                                                        self.device, config.eval_batch_size)
+        apply_method(gpt, method)
         self.model = self.task.build_model(gpt, self.tokenizer).to(self.device)
         self.gpt = gpt.set_precision(self.precision)
+
+    def report_layer_choice(self) -> None:
+        choice = self.layer_choice
+        self.say(f"  --layers {self.config.method.layers}: layers {', '.join(map(str, choice.chosen))} by "
+                 f"{choice.criterion} ({', '.join(f'{score:.3g}' for score in choice.scores)} for layers 0..)")
+        if self.dist.is_main:
+            path = self.run_dir / "layer_scores.png"
+            title = f"{self.task.name}, {self.config.model}: layer scores for --layers {self.config.method.layers}"
+            if plot_layer_scores(path, choice, title):
+                self.layer_plot = str(path)
 
     def load_data(self) -> None:
         config = self.config
@@ -353,6 +370,8 @@ class Trainer:
                "best_dev_metric": self.best.metric, "metric": self.task.metric, "epochs": self.history}
         if self.cache is not None:
             log["cache"] = self.cache.stats()
+        if self.layer_choice is not None:
+            log["layer_choice"] = {**self.layer_choice.to_dict(), "plot": self.layer_plot}
         if final is not None:
             log["final"] = final
         atomic_save(lambda temp: Path(temp).write_text(json.dumps(log, indent=2) + "\n"), self.run_dir / "log.json")
