@@ -10,7 +10,8 @@ import warnings
 import pytest
 import torch
 
-from compare import human_bytes, human_number, human_percent, main, parse_command
+from comparison.report import human_bytes, human_number, human_percent
+from compare import main, parse_command
 from models.gpt2 import GPT2Model
 from models.peft import MethodConfig, apply_method, parameter_summary
 from models.tokenizer import GPT2Tokenizer
