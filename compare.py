@@ -134,6 +134,7 @@ def parse_command(argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, li
         if name.strip() not in extra:
             own.error(f"--method-args {item!r}: give VARIANT=FLAGS for one of the variants ({','.join(extra)})")
         extra[name.strip()] += shlex.split(flags)
+    variants = [dataclasses.replace(v, flags=tuple(extra[v.name])) for v in variants]  # --method-args included
     if args.baseline is not None and args.baseline not in extra:
         own.error(f"--baseline {args.baseline!r} is none of the variants ({','.join(extra)})")
 
@@ -211,15 +212,12 @@ def comparable(config) -> dict:
     return out
 
 
-def first_difference(old: Any, new: Any, path: str = "") -> Optional[tuple[str, Any, Any]]:
-    """(dotted name, old, new) of the first setting that differs between two configs as JSON; None if none."""
+def differences(old: Any, new: Any, path: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted name, old, new) of every setting that differs between two configs as JSON."""
     if isinstance(old, dict) and isinstance(new, dict):
-        for key in sorted(set(old) | set(new)):
-            found = first_difference(old.get(key), new.get(key), f"{path}.{key}" if path else key)
-            if found:
-                return found
-        return None
-    return None if old == new else (path, old, new)
+        return [found for key in sorted(set(old) | set(new))
+                for found in differences(old.get(key), new.get(key), f"{path}.{key}" if path else key)]
+    return [] if old == new else [(path, old, new)]
 
 
 def read_json(path: Path) -> Optional[dict]:
@@ -251,11 +249,11 @@ def resume_conflict(out: Path, runs: list[Run]) -> Optional[str]:
         earlier = log["config"] if log else (entry["config"] if entry else None)
         if earlier is None:
             continue
-        found = first_difference(comparable(earlier), comparable(run.config))
-        if found:
-            name, old, new = found
-            return (f"--resume: {name} changed for {run.key} since the comparison in {out}: it ran with "
-                    f"{json.dumps(old)}, this command gives {json.dumps(new)}; {fix}")
+        changed = differences(comparable(earlier), comparable(run.config))
+        if changed:
+            details = "; ".join(f"{name}: it ran with {json.dumps(old)}, this command gives {json.dumps(new)}"
+                                for name, old, new in changed)
+            return f"--resume: settings changed for {run.key} since the comparison in {out} ({details}); {fix}"
     return None
 
 
