@@ -238,8 +238,8 @@ def plot_against(path: Path, rows: list[dict], settings: dict, x_key: str, xlabe
         ax.errorbar(r[x_key], r[f"{key}_mean"], yerr=error_bars(r, key, metric_range(metric)), xerr=x_range(r) if x_range else None,
                     fmt=marker, color=colour, markersize=8, capsize=4, label=r["variant"])
     seeds = max(r["seeds"] for r in points)
-    bars = "bars: 95% t-interval over seeds, clipped to the metric's range" if seeds > 1 else "one seed: no bars"
-    ax.set(xlabel=xlabel, ylabel=f"dev {metric} (mean over seeds)", title=title(settings, f"{what} ({bars})"))
+    bars = "bars: 95% t-interval over seeds (clipped to the metric's range)" if seeds > 1 else "one seed: no bars"
+    ax.set(xlabel=xlabel, ylabel=f"dev {metric} (mean over seeds)", title=title(settings, f"{what}\n{bars}"))
     if log_x:
         ax.set_xscale("log")
     ax.title.set_size("medium")
@@ -273,7 +273,7 @@ def plot_learning_curves(path: Path, entries: list[dict], settings: dict) -> boo
         return False
     ax.set(xlabel="epoch" + (" (the last may be partial under a step or time budget)"
                              if "epoch" not in settings["budget"] else ""),
-           ylabel=f"dev {metric} (mean over seeds)", title=title(settings, f"dev {metric} per epoch (bars: ± 1 std over seeds)"))
+           ylabel=f"dev {metric} (mean over seeds)", title=title(settings, f"dev {metric} per epoch\nbars: ± 1 std over seeds"))
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.title.set_size("medium")
     save(figure, ax, path)
