@@ -119,7 +119,7 @@ class TrainConfig:
     def budget(self) -> str:
         """Which budget stops the run, in words: '200 optimizer steps', '60 s of training' or '3 epochs'."""
         if self.budget_steps is not None:
-            return f"{self.budget_steps} optimizer steps"
+            return f"{self.budget_steps} optimizer step" + ("s" if self.budget_steps != 1 else "")
         if self.budget_seconds is not None:
             return f"{self.budget_seconds:g} s of training (at most {self.epochs} epochs)"
         return f"{self.epochs} epoch" + ("s" if self.epochs != 1 else "")
