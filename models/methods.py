@@ -43,18 +43,34 @@ __all__ = ["MethodConfig", "Method", "Option", "OptionError", "OPTIONS", "define
 
 
 # ------------------------------------------------------------------------------------------------- options
-def layer_indices(value) -> list[int]:
+AUTO_LAYERS = "auto:"  # --layers auto:K: the trainer picks the K layers a probe of the frozen model ranks best
+
+
+def auto_layer_count(value) -> "int | None":
+    """K of a `layers` value 'auto:K' (still to be chosen: tasks/layer_choice.py), None for fixed layers."""
+    return int(value[len(AUTO_LAYERS):]) if isinstance(value, str) and value.startswith(AUTO_LAYERS) else None
+
+
+def layer_indices(value):
+    """Sorted distinct layer indices, or 'auto:K' as it is (K >= 1)."""
+    if isinstance(value, str):
+        count = value[len(AUTO_LAYERS):] if value.startswith(AUTO_LAYERS) else ""
+        if not count.isdigit() or int(count) < 1:
+            raise ValueError(f"must be layer indices or auto:K with K >= 1, got {value!r}")
+        return f"{AUTO_LAYERS}{int(count)}"
     layers = sorted(set(int(i) for i in value))
     if not layers:
         raise ValueError("must name at least one layer (or be None for all)")
     return layers
 
 
-def parse_layers(text: str) -> list[int]:
+def parse_layers(text: str):
+    if text.strip().startswith(AUTO_LAYERS):
+        return layer_indices(text.strip())
     try:
         return [int(item) for item in comma_list(text)]
     except ValueError:
-        raise ValueError(f"must be comma-separated layer indices such as 0,5,11; got {text!r}") from None
+        raise ValueError(f"must be comma-separated layer indices such as 0,5,11, or auto:K; got {text!r}") from None
 
 
 def check_positions(value: str) -> str:
@@ -66,7 +82,8 @@ def check_positions(value: str) -> str:
 
 
 for _option in (
-    Option("layers", "comma-separated layer indices to adapt", "--layers", parse_layers, layer_indices),
+    Option("layers", "comma-separated layer indices to adapt, or auto:K: the K layers whose frozen hidden states "
+           "serve the task best (a probe before training)", "--layers", parse_layers, layer_indices),
     Option("rank", "rank of the low-rank update or intervention", "--rank", parse_int, at_least_one),
     Option("alpha", "scale numerator: updates are scaled by alpha/rank", "--alpha", parse_float, finite_number),
     Option("dropout", "dropout inside the method's own path", "--method-dropout", parse_float, probability),

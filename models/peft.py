@@ -68,6 +68,9 @@ def applied_methods(gpt: GPT2Model) -> list[MethodConfig]:
 
 
 def resolve_layers(layers: Optional[list[int]], n_layer: int) -> list[int]:
+    if isinstance(layers, str):  # 'auto:K'
+        raise ValueError(f"layers {layers!r} must be chosen before the method is applied: run_training does this "
+                         "(tasks/layer_choice.py), or pass layer indices")
     if layers is None:
         return list(range(n_layer))
     bad = [i for i in layers if not 0 <= i < n_layer]

@@ -24,7 +24,7 @@ from models.loading import CheckpointError, load_torch_file
 from tasks.run_log import PLOT, STEP_LOG, TENSORBOARD_DIR
 
 CHECKPOINT_FORMAT = "gpt2-peft-training-checkpoint"
-RUN_FILES = ("log.json", "best", "last", STEP_LOG, PLOT, TENSORBOARD_DIR)
+RUN_FILES = ("log.json", "best", "last", "layer_scores.png", STEP_LOG, PLOT, TENSORBOARD_DIR)
 # What a resume reads from the checkpoint ("fingerprints" is checked when present: older checkpoints lack it).
 CHECKPOINT_KEYS = ("identity", "trainable", "optimizer", "scheduler", "rng", "progress", "best", "history")
 

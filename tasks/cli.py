@@ -152,6 +152,13 @@ def build_parser(script: str, default_task: Optional[str] = None) -> argparse.Ar
                        help="early stopping: stop after N evaluations without a better dev metric")
     train.add_argument("--eval-every", type=positive_int, default=defaults.eval_every,
                        help="evaluate on dev every N epochs (and after the last)")
+    budget = train.add_mutually_exclusive_group()
+    budget.add_argument("--budget-steps", type=positive_int, default=None,
+                        help="stop after N optimizer steps in all, instead of after --epochs (the epochs and the "
+                        "learning-rate schedule then follow from N)")
+    budget.add_argument("--budget-seconds", type=number_in(0, float("inf"), low_open=True), default=None,
+                        help="stop once training (evaluation excluded) has taken S seconds; --epochs stays the upper "
+                        "bound and spans the learning-rate schedule")
     train.add_argument("--save-every-steps", type=positive_int, default=None,
                        help="also write the resume checkpoint every N optimizer steps (it is always written after "
                        "each epoch)")

@@ -56,6 +56,12 @@ class TrainConfig:
     cache_memory: Optional[int] = None  # bytes of RAM for that cache before it spills to disk; None: a quarter of RAM
     threads: Optional[int] = None  # torch's intra-op threads; None: torch's default
 
+    # A budget every compared run shares (compare.py): stop at this many optimizer steps in all (the epochs then
+    # follow from it and the learning-rate schedule spans it), or after this much training time (evaluation
+    # excluded; --epochs stays the upper bound and spans the schedule). At most one of the two.
+    budget_steps: Optional[int] = None
+    budget_seconds: Optional[float] = None
+
     patience: Optional[int] = None  # stop after this many evaluations without a better dev metric
     eval_every: int = 1  # evaluate on dev every N epochs (and always after the last)
     save_every_steps: Optional[int] = None  # also write the resume checkpoint every N optimizer steps
@@ -77,7 +83,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_length", "max_train_examples", "max_eval_examples", "patience", "save_every_steps",
-                     "log_every"):
+                     "log_every", "budget_steps"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 problems.append(f"{name} must be >= 1 (or unset), got {value}")
@@ -107,6 +113,10 @@ class TrainConfig:
             unknown = sorted(set(getattr(self, name)) - set(known))
             if unknown:
                 problems.append(f"{name} keys must be among {', '.join(known)}, got {', '.join(unknown)}")
+        if self.budget_seconds is not None and not self.budget_seconds > 0:
+            problems.append(f"budget_seconds must be > 0 (or unset), got {self.budget_seconds}")
+        if self.budget_steps is not None and self.budget_seconds is not None:
+            problems.append("budget_steps and budget_seconds exclude each other: give one budget")
         if self.resume and self.overwrite:
             problems.append("resume and overwrite exclude each other")
         if problems:
@@ -115,6 +125,15 @@ class TrainConfig:
     @property
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else self.method.spec.lr
+
+    @property
+    def budget(self) -> str:
+        """Which budget stops the run, in words: '200 optimizer steps', '60 s of training' or '3 epochs'."""
+        if self.budget_steps is not None:
+            return f"{self.budget_steps} optimizer step" + ("s" if self.budget_steps != 1 else "")
+        if self.budget_seconds is not None:
+            return f"{self.budget_seconds:g} s of training (at most {self.epochs} epochs)"
+        return f"{self.epochs} epoch" + ("s" if self.epochs != 1 else "")
 
     def example_limit(self, split: str) -> Optional[int]:
         """How many examples of a split to use (--max-train-examples / --max-eval-examples): the first N."""

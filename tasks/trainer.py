@@ -50,6 +50,7 @@ from tasks.batching import bucketed_batches
 from tasks.config import TrainConfig
 from tasks.distributed import Distributed, setup_distributed, teardown_distributed
 from tasks.run_log import StepLog, plot_run
+from tasks.layer_choice import plot_layer_scores, resolve_auto_layers
 from tasks.task import Example, Task, examples_fingerprint
 
 
@@ -188,6 +189,7 @@ class Trainer:
         self.progress = Progress()
         self.status = "running"
         self.latest_dev = None  # (epoch, predictions, seconds) of the newest dev evaluation in this process
+        self.layer_choice, self.layer_plot = None, None  # --layers auto:K (tasks/layer_choice.py)
         self.lock = ckpt.RunLock(self.run_dir)
         self.cache = None  # the frozen part's cache (tasks/feature_cache.py), when the method leaves one to keep
         self.step_log = None  # rank 0's StepLog (tasks/run_log.py), from setup on
@@ -218,8 +220,7 @@ class Trainer:
         resume_state = ckpt.load_checkpoint(ckpt.checkpoint_path(self.run_dir), self.identity()) if resume else None
         self.dist.barrier()
         self.tokenizer = GPT2Tokenizer.from_pretrained(tokenizer_source(config))
-        self.build_model()
-        self.load_data()
+        self.build_model()  # loads the data too
         if resume_state is not None:  # the same settings (checked above), but also the same data and tokenizer?
             ckpt.check_fingerprints(ckpt.checkpoint_path(self.run_dir), resume_state, self.fingerprints,
                                     self.fingerprint_sources())
@@ -228,6 +229,8 @@ class Trainer:
                 self.say(f"  {self.run_dir} has no checkpoint yet (the run stopped before its first one): starting "
                          "it again from the beginning")
             ckpt.clear_run_dir(self.run_dir)
+        if self.layer_choice is not None:
+            self.report_layer_choice()
         self.dist.barrier()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.cache = feature_cache.attach(self.model, self.gpt, config.cache, config.cache_memory, self.run_dir, self.say)
@@ -236,15 +239,18 @@ class Trainer:
             raise ValueError(f"--method {config.method.method} leaves nothing to train on task {self.task.name}")
         self.optimizer = build_optimizer(self.model, config.learning_rate, config.weight_decay)
         self.steps_per_epoch = math.ceil(math.ceil(len(self.splits["train"]) / config.batch_size) / config.grad_accum)
-        total = self.steps_per_epoch * config.epochs
+        # A step budget sets the epochs (the last one may be partial) and the length of the schedule.
+        self.epochs = math.ceil(config.budget_steps / self.steps_per_epoch) if config.budget_steps else config.epochs
+        total = config.budget_steps or self.steps_per_epoch * self.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_then_decay(total, round(config.warmup_ratio * total)))
         self.loss_module = self.dist.wrap(LossModule(self.task, self.model), self.device)
         self.say(f"{self.task.name} / {config.method.method}: {format_parameter_summary(self.model)}")
         self.say(f"  {len(self.splits['train'])} train, {len(self.splits['dev'])} dev, {len(self.splits['test'])} test "
-                 f"examples; {config.epochs} epoch{'s' if config.epochs > 1 else ''} of {self.steps_per_epoch} steps (batch {config.batch_size} x "
+                 f"examples; {self.epochs} epoch{'s' if self.epochs > 1 else ''} of {self.steps_per_epoch} steps (batch {config.batch_size} x "
                  f"{config.grad_accum} accumulation); lr {config.learning_rate:g}; {self.device} {self.precision}"
-                 + (f"; {self.dist.world_size} processes" if self.dist.enabled else ""))
+                 + (f"; {self.dist.world_size} processes" if self.dist.enabled else "")
+                 + (f"; budget {config.budget}" if config.budget_steps or config.budget_seconds else ""))
         for note in self.data_notes:
             self.say(note)
         if resume_state is not None:
@@ -267,9 +273,23 @@ class Trainer:
                              "tokenizer that belongs to the model")
         if config.dropout is not None:
             gpt.set_dropout(config.dropout)
-        apply_method(gpt, config.method)
+        self.gpt = gpt
+        self.load_data()  # before the method: --layers auto:K probes the frozen model on the data
+        method, self.layer_choice = resolve_auto_layers(self.task, gpt, self.splits, config.method, config.seed,
+                                                        self.device, config.eval_batch_size)
+        apply_method(gpt, method)
         self.model = self.task.build_model(gpt, self.tokenizer).to(self.device)
         self.gpt = gpt.set_precision(self.precision)
+
+    def report_layer_choice(self) -> None:
+        choice = self.layer_choice
+        self.say(f"  --layers {self.config.method.layers}: layers {', '.join(map(str, choice.chosen))} by "
+                 f"{choice.criterion} ({', '.join(f'{score:.3g}' for score in choice.scores)} for layers 0..)")
+        if self.dist.is_main:
+            path = self.run_dir / "layer_scores.png"
+            title = f"{self.task.name}, {self.config.model}: layer scores for --layers {self.config.method.layers}"
+            if plot_layer_scores(path, choice, title):
+                self.layer_plot = str(path)
 
     def load_data(self) -> None:
         config = self.config
@@ -304,7 +324,7 @@ class Trainer:
                 "lr": c.learning_rate, "batch_size": c.batch_size, "grad_accum": c.grad_accum,
                 "warmup_ratio": c.warmup_ratio, "weight_decay": c.weight_decay, "max_grad_norm": c.max_grad_norm,
                 "max_length": c.max_length, "max_train_examples": c.max_train_examples, "dropout": c.dropout,
-                "cache": c.cache}
+                "cache": c.cache, "budget_steps": c.budget_steps, "budget_seconds": c.budget_seconds}
 
     # ---- checkpoints
     def save_resume_checkpoint(self) -> None:
@@ -355,6 +375,8 @@ class Trainer:
                "best_dev_metric": self.best.metric, "metric": self.task.metric, "epochs": self.history}
         if self.cache is not None:
             log["cache"] = self.cache.stats()
+        if self.layer_choice is not None:
+            log["layer_choice"] = {**self.layer_choice.to_dict(), "plot": self.layer_plot}
         if final is not None:
             log["final"] = final
         atomic_save(lambda temp: Path(temp).write_text(json.dumps(log, indent=2) + "\n"), self.run_dir / "log.json")
@@ -371,12 +393,12 @@ class Trainer:
                      "train_tokens": int(tokens), "train_tokens_per_second": tokens / max(progress.seconds, 1e-9),
                      "grad_norm": progress.grad_norm_sum / max(progress.epoch_steps, 1),
                      "lr": self.scheduler.get_last_lr()[0], "step": progress.step}
-            if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
+            if (epoch + 1) % config.eval_every == 0 or epoch + 1 == self.epochs or self.budget_spent():
                 entry.update(self.evaluate_epoch(epoch))
             self.history.append(entry)
             if self.step_log is not None:
                 self.step_log.epoch(entry)
-            self.say(f"epoch {epoch + 1}/{config.epochs}: train loss {entry['train_loss']:.4f}"
+            self.say(f"epoch {epoch + 1}/{self.epochs}: train loss {entry['train_loss']:.4f}"
                      + (f", dev {self.task.describe(entry['dev'])}" if entry.get("dev") else "")
                      + f" ({entry['train_seconds']:.1f} s, {entry['train_tokens_per_second']:.0f} tokens/s)")
             if self.cache is not None:
@@ -390,7 +412,16 @@ class Trainer:
     def done(self) -> bool:
         if self.config.patience is not None and self.best.stale >= self.config.patience:
             self.status = "early stopping"
-        return self.status != "running" or self.progress.epoch >= self.config.epochs
+        return self.status != "running" or self.progress.epoch >= self.epochs or self.budget_spent()
+
+    def budget_spent(self) -> bool:
+        """Whether --budget-steps or --budget-seconds (training time of the finished epochs and this one) is used up."""
+        config, progress = self.config, self.progress
+        if config.budget_steps is not None:
+            return progress.step >= config.budget_steps
+        if config.budget_seconds is not None:
+            return sum(e["train_seconds"] for e in self.history) + progress.seconds >= config.budget_seconds
+        return False
 
     def train_epoch(self, epoch: int) -> None:
         config, train = self.config, self.splits["train"]
@@ -398,7 +429,7 @@ class Trainer:
         groups = [batches[i:i + config.grad_accum] for i in range(0, len(batches), config.grad_accum)]
         first_group = self.progress.batch // config.grad_accum
         self.model.train()
-        with self.bar(total=len(groups), initial=first_group, desc=f"epoch {epoch + 1}/{config.epochs}") as bar:
+        with self.bar(total=len(groups), initial=first_group, desc=f"epoch {epoch + 1}/{self.epochs}") as bar:
             for group in groups[first_group:]:
                 start = time.perf_counter()
                 step_loss = self.train_step(group, train)
@@ -409,6 +440,8 @@ class Trainer:
                 if config.save_every_steps and self.progress.step % config.save_every_steps == 0 \
                         and self.progress.batch < len(batches):
                     self.save_resume_checkpoint()
+                if self.budget_spent():
+                    break
 
     def train_step(self, group: list[list[int]], train: list[Example]) -> float:
         """One optimizer step over `group` (grad_accum micro-batches of the global batch); returns its mean loss."""

@@ -114,8 +114,9 @@ def test_compare_routes_a_registered_methods_flags(gain_method, tmp_path, task_f
     from compare import parse_command
 
     shared = base_args(tmp_path, task_files, method=None, output_dir=None, predictions_dir=None)
-    _, configs = parse_command(["--task", "sst", "--methods", "gain,lora", "--output-dir", str(tmp_path), *shared,
-                                "--gain-init", "2", "--rank", "2"])
+    _, runs = parse_command(["--task", "sst", "--methods", "gain,lora", "--output-dir", str(tmp_path), *shared,
+                             "--gain-init", "2", "--rank", "2"])
+    configs = {run.variant.name: run.config for run in runs}
     assert configs["gain"].method == MethodConfig("gain", gain_init=2.0)
     assert configs["lora"].method == MethodConfig("lora", rank=2)
 
