@@ -20,14 +20,19 @@ from models.registry import (
     OptionError,
     at_least_one,
     boolean,
+    combination_name,
     comma_list,
     define_option,
     describe_default,
     finite_number,
     flag_options,
     get_method,
+    method_from_json,
     method_names,
+    method_parts,
+    method_to_json,
     one_of,
+    parse_combination,
     parse_float,
     parse_int,
     probability,
@@ -38,8 +43,9 @@ from models.registry import (
 from modules.lora import LORA_TARGETS, LoRAGPT2Layer
 from modules.reft import ACTIVATIONS, COMPONENTS, POSITIONS_RULE, PositionedIntervention, ReFTGPT2Layer, parse_positions
 
-__all__ = ["MethodConfig", "Method", "Option", "OptionError", "OPTIONS", "define_option", "describe_default", "flag_options",
-           "get_method", "method_names", "register_method", "registered_methods"]
+__all__ = ["MethodConfig", "Method", "Option", "OptionError", "OPTIONS", "combination_name", "define_option",
+           "describe_default", "flag_options", "get_method", "method_from_json", "method_names", "method_parts",
+           "method_to_json", "parse_combination", "register_method", "registered_methods"]
 
 
 # ------------------------------------------------------------------------------------------------- options

@@ -2,6 +2,7 @@
 
     config = MethodConfig(method="loreft", rank=4, positions="f1+l1")
     apply_method(model.gpt, config)        # freezes the base, adds the trainable parts, in place
+    apply_method(other.gpt, [MethodConfig("lora"), MethodConfig("loreft", rank=1)])   # a combination
     ...train...
     save_adapter(model, "runs/sst-loreft/best")   # only the trained tensors + the config as JSON
     load_adapter(fresh_model, "runs/sst-loreft/best")
@@ -15,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -24,7 +25,7 @@ from data.atomic import atomic_save
 from models import pyreft_format
 from models.base_identity import base_identity, check_same_base
 from models.gpt2 import GPT2Model
-from models.methods import MethodConfig, method_from_saved, registered_methods
+from models.methods import MethodConfig, combination_name, method_from_saved, method_parts, registered_methods
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
 ADAPTER_FORMAT = "gpt2-peft-adapter"
@@ -38,29 +39,101 @@ FORMATS = ("native", "pyreft")  # save_adapter's `format`: this project's files,
 
 
 # ---------------------------------------------------------------------------------------- applying
-def apply_method(gpt: GPT2Model, config: MethodConfig) -> GPT2Model:
-    """Applies a method to `gpt` in place and records it in `gpt.peft_methods`. A method that freezes the base
-    freezes it first; the method's own parts are then the only trainable GPT-2 parameters."""
+# A combination applies its parts in this order of families, whatever order it is written in: the weight-space
+# method first (it selects or wraps GPT-2's own weights, which the other families' wrappers hide), then the
+# soft prompt, then the ReFT adapters (they wrap whole layers, whatever is inside).
+APPLY_ORDER = ("base", "head", "weights", "prompt", "reft")
+ALONE = ("base", "head")  # families that cannot share a model with any other method
+AT_MOST_ONE = {"weights": "weight-space method", "prompt": "soft-prompt method"}
+
+
+def apply_method(gpt: GPT2Model, config: MethodConfig | Sequence[MethodConfig]) -> GPT2Model:
+    """Applies a method, or a combination (a list of MethodConfigs, one per part), to `gpt` in place and records
+    the parts in `gpt.peft_methods`. The base is frozen first, together with whatever an earlier call applied;
+    the parts of this call are then the only trainable GPT-2 parameters (check_combination says which parts
+    can share a model)."""
     if not isinstance(gpt, GPT2Model):
         raise TypeError(f"apply_method expects a GPT2Model, got {type(gpt).__name__}")
-    spec, applied = config.spec, applied_methods(gpt)
-    if applied and not (spec.stacks and all(m.spec.stacks for m in applied)):
-        stacking = ", ".join(m.name for m in registered_methods() if m.stacks)
-        raise ValueError(
-            f"this model already has {', '.join(m.method for m in applied)} applied; only the stacking methods "
-            f"({stacking}) can be combined, so {config.method!r} cannot be added (start from a freshly loaded base model)"
-        )
-    if spec.stacks and any(m.name == config.name for m in applied):
-        raise ValueError(f"an adapter named {config.name!r} is already applied; give the new one another name")
-    layers = resolve_layers(config.layers, gpt.config.n_layer)
-    if spec.freezes_base:
+    parts, applied = method_parts(config), applied_methods(gpt)
+    check_can_apply(gpt, parts)
+    layers = [resolve_layers(part.layers, gpt.config.n_layer) for part in parts]
+    order = sorted(range(len(parts)), key=lambda i: APPLY_ORDER.index(parts[i].spec.family))
+    if any(part.spec.freezes_base for part in parts):
         gpt.requires_grad_(False)
-    spec.apply(gpt, config, layers)
-    gpt.peft_methods = applied + [config]
+    owned: list[list[nn.Parameter]] = [[] for _ in parts]
+    for i in order:
+        # What this part made trainable is its own, even if a later part's wrapper freezes it again (a ReFT
+        # wrapper freezes the layer it wraps, LoRA's adapters and BitFit's biases included): all of it trains.
+        parts[i].spec.apply(gpt, parts[i], layers[i])
+        taken = {id(p) for params in owned for p in params}
+        owned[i] = [p for p in gpt.parameters() if p.requires_grad and id(p) not in taken]
+    for params in owned:
+        for param in params:
+            param.requires_grad_(True)
+    gpt.peft_methods = applied + [parts[i] for i in order]
+    gpt.peft_parameters = list(getattr(gpt, "peft_parameters", [[] for _ in applied])) + [owned[i] for i in order]
     # New parts are created in fp32 on the CPU, in train mode: follow the model's device and mode, and re-apply
     # its precision so that nothing frozen is left in fp32.
     gpt.to(gpt.wte.weight.device).train(gpt.training)
     return gpt.set_precision(gpt.precision)
+
+
+def check_combination(parts: Sequence[MethodConfig]) -> None:
+    """The rule for methods sharing one model: at most one weight-space method (family "weights"), any number of
+    ReFT-family adapters ("reft", each under its own name) and at most one soft-prompt method ("prompt");
+    full fine-tuning ("base") and head-only training ("head") stand alone. ValueError naming the parts."""
+    parts = method_parts(parts)
+    if len(parts) < 2:
+        return
+    text = combination_name(parts)
+    alone = [part.method for part in parts if part.spec.family in ALONE]
+    if alone:
+        raise ValueError(f"{text}: {alone[0]} cannot be combined with other methods (a combination is at most one "
+                         f"weight-space method ({family_members('weights')}), any number of ReFT-family adapters "
+                         f"({family_members('reft')}) and at most one soft-prompt method"
+                         + (f" ({family_members('prompt')})" if family_members("prompt") else "") + ")")
+    for family, words in AT_MOST_ONE.items():
+        members = [part.method for part in parts if part.spec.family == family]
+        if len(members) > 1:
+            raise ValueError(f"{text}: at most one {words} per model, got {' and '.join(members)}")
+    names = [part.name for part in parts if part.spec.stacks]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"{text}: two ReFT-family parts are both named {repeated[0]!r}; give each its own name "
+                         "(on the command line loreft:early+loreft:late, in Python MethodConfig('loreft', name='late'))")
+
+
+def check_can_apply(gpt: GPT2Model, parts: list[MethodConfig]) -> None:
+    """Whether `parts` can join what `gpt` already has (the combination rule), before anything changes."""
+    applied = applied_methods(gpt)
+    for part in parts:
+        if part.spec.stacks and any(m.spec.stacks and m.name == part.name for m in applied):
+            raise ValueError(f"an adapter named {part.name!r} is already applied; give the new one another name")
+    if not applied:
+        check_combination(parts)
+        return
+    try:
+        check_combination(applied + parts)
+    except ValueError as error:
+        raise ValueError(f"this model already has {combination_name(applied)} applied, so "
+                         f"{combination_name(parts)} cannot be added: {error} (start from a freshly loaded base "
+                         "model)") from None
+    late = [m.method for m in applied if APPLY_ORDER.index(m.spec.family) > APPLY_ORDER.index("weights")]
+    early = [part.method for part in parts if part.spec.family == "weights"]
+    if late and early:
+        raise ValueError(f"this model already has {', '.join(late)} applied; a weight-space method ({early[0]}) must "
+                         f"come first: apply both in one call, apply_method(gpt, [{early[0]}, {late[0]}])")
+
+
+def family_members(family: str) -> str:
+    return ", ".join(m.name for m in registered_methods() if m.family == family)
+
+
+def trainable_by_method(gpt: GPT2Model) -> list[tuple[MethodConfig, list[nn.Parameter]]]:
+    """Each applied method (each part of a combination) with the parameters it trains: what it added or
+    unfroze, less what a later call froze. The trainer gives each part its own learning rate with these."""
+    owned = getattr(gpt, "peft_parameters", [])
+    return [(method, [p for p in params if p.requires_grad]) for method, params in zip(applied_methods(gpt), owned)]
 
 
 def applied_methods(gpt: GPT2Model) -> list[MethodConfig]:
@@ -236,7 +309,8 @@ def load_adapter(model: nn.Module, directory: str | Path, name: Optional[str] = 
                  allow_other_base: bool = False) -> nn.Module:
     """Loads an adapter saved by save_adapter into `model` (built on a freshly loaded base of the same
     shape): applies the recorded methods unless already applied, then copies every saved tensor.
-    `name` renames a stacking (ReFT-family) adapter, so that two adapters saved under one name can be combined.
+    A combination's parts are applied in one apply_method call. `name` renames a stacking (ReFT-family) adapter,
+    so that two adapters saved under one name can be combined.
     A directory of pyreft's files (config.json + intkey_*.bin) is read by models/pyreft_format.py; `positions`
     then says which prompt tokens its interventions edit (pyreft does not save them; default l1).
     Every check runs before the model changes, so a file that does not fit leaves the model as it was; every
@@ -290,6 +364,7 @@ def load_adapter_files(model: nn.Module, directory: Path, name: Optional[str], t
     check_against_applied(methods, applied, tensors, model)
     missing = [m for m in methods if m not in applied]
     if missing:
+        check_can_apply(gpt, missing)  # the combination rule, before a skeleton is built
         shapes, expected = skeleton_parameters(model, gpt, applied + missing, wanted=methods)
     else:  # the methods are there already: check against the model itself (and the tensor count)
         shapes, expected = {key: p.shape for key, p in model.named_parameters()}, set()
@@ -332,8 +407,8 @@ def apply_loaded(model: nn.Module, gpt: GPT2Model, missing: list[MethodConfig], 
     filled: those are frozen unless `trainable`; every other parameter keeps the trainability it had."""
     applied = applied_methods(gpt)
     flags = {param: param.requires_grad for param in model.parameters()}
-    for method in missing:
-        apply_method(gpt, method)
+    if missing:
+        apply_method(gpt, missing)  # one call, as a combination is applied
     loaded = copy()
     if applied:  # apply_method froze all of GPT-2, earlier adapters included: they keep what they had
         for param, flag in flags.items():

@@ -201,6 +201,70 @@ class MethodConfig:
         return cls(options.pop("method"), **options)
 
 
+
+# ------------------------------------------------------------------------------------------ combinations
+# A combination of methods in one model is a list of MethodConfigs, one per part, everywhere: apply_method's
+# argument, a model's applied methods, adapter_config.json's "methods", TrainConfig.method. A single method is a
+# one-part combination and stays a plain MethodConfig. Which families may combine is models/peft.py's
+# check_combination. As text (--method, compare.py's --methods) the parts are joined with '+'; a part of a
+# stacking method can carry its adapter name after ':' (loreft:early+loreft:late).
+JOIN, NAMED = "+", ":"
+PART_NAME_RULE = "letters, digits, '_' and '-'"
+
+
+def method_parts(method: "MethodConfig | list[MethodConfig]") -> list["MethodConfig"]:
+    """The parts of a method or a combination, as a list."""
+    parts = [method] if isinstance(method, MethodConfig) else list(method)
+    if not parts or not all(isinstance(part, MethodConfig) for part in parts):
+        raise TypeError(f"expected a MethodConfig or a non-empty list of them, got {method!r}")
+    return parts
+
+
+def part_label(part: "MethodConfig") -> str:
+    """How the text form writes a part: its method, and after ':' its adapter name when that is neither the
+    method's nor the default's."""
+    name = part.options.get("name")
+    return part.method if name in (None, part.method, "default") else f"{part.method}{NAMED}{name}"
+
+
+def combination_name(method: "MethodConfig | list[MethodConfig]") -> str:
+    """'lora', 'lora+loreft', 'loreft:early+loreft:late': what run directories, prediction files and logs
+    call a method or a combination."""
+    return JOIN.join(part_label(part) for part in method_parts(method))
+
+
+def parse_combination(text: str) -> list[tuple[str, Optional[str]]]:
+    """'lora+loreft:late' -> [('lora', None), ('loreft', 'late')]: each part's method and the adapter name
+    written after ':'. ValueError naming the bad part."""
+    parts = []
+    for item in text.split(JOIN):
+        method, named, name = item.strip().partition(NAMED)
+        if not method:
+            raise ValueError(f"{text!r}: an empty part; join method names with {JOIN!r}, e.g. lora+loreft")
+        spec = get_method(method)
+        if named:
+            if "name" not in spec.options:
+                raise ValueError(f"{item!r}: only a stacking (ReFT-family) method takes a name after {NAMED!r}")
+            if not name or not all(c.isalnum() or c in "_-" for c in name):
+                raise ValueError(f"{item!r}: a part's name is made of {PART_NAME_RULE}")
+        parts.append((method, name or None))
+    return parts
+
+
+def method_to_json(method: "MethodConfig | list[MethodConfig]") -> "dict | list[dict]":
+    """A method as a JSON object, a combination as a list of them."""
+    return method.to_dict() if isinstance(method, MethodConfig) else [part.to_dict() for part in method_parts(method)]
+
+
+def method_from_json(raw: "dict | list") -> "MethodConfig | list[MethodConfig]":
+    """method_to_json's inverse; a one-part list is its one MethodConfig."""
+    if isinstance(raw, MethodConfig):
+        return raw
+    if isinstance(raw, (list, tuple)):
+        parts = method_parts([part if isinstance(part, MethodConfig) else MethodConfig.from_dict(part) for part in raw])
+        return parts[0] if len(parts) == 1 else parts
+    return MethodConfig.from_dict(raw)
+
 # ------------------------------------------------------------------------------------------ checks and parsers
 # Each returns the normalised value or raises ValueError with the problem ("must be ..."): OptionError and the
 # command line add which option or flag it is.

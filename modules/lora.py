@@ -131,5 +131,13 @@ class LoRAGPT2Layer(nn.Module):
         for projection in self.projections():
             projection.unmerge()
 
+    # The updates live inside the wrapped layer's projections, so its sublayers are this layer's: a ReFT wrapper
+    # around this one (a lora+loreft combination) intervenes between them as it does on a plain GPT2Layer.
+    def attention_block(self, x: torch.Tensor, ctx) -> torch.Tensor:
+        return self.layer.attention_block(x, ctx)
+
+    def ffn_block(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer.ffn_block(x)
+
     def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
         return self.layer(x, ctx)

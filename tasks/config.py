@@ -5,11 +5,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 from data.readers import default_paths
 from models.gpt2 import PRECISION_CHOICES
-from models.methods import MethodConfig
+from models.methods import MethodConfig, combination_name, method_from_json, method_parts, method_to_json
+from models.peft import check_combination
 
 GENERATION_FIELDS = ("temperature", "top_p", "max_new_tokens")  # used by the sonnet task only
 SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.manual_seed and torch.Generator.manual_seed accept
@@ -26,7 +27,8 @@ def seed_problem(seed) -> Optional[str]:
 @dataclass
 class TrainConfig:
     task: str  # sst, cfimdb, quora or sonnet
-    method: MethodConfig = field(default_factory=MethodConfig)
+    # One method, or a combination: a list of MethodConfigs, one per part (models/registry.py).
+    method: Union[MethodConfig, list[MethodConfig]] = field(default_factory=MethodConfig)
     model: str = "gpt2"  # hub name, local checkpoint directory, or random:<size>
     tokenizer: Optional[str] = None  # None: the model directory if it holds vocab.json, else the hub's gpt2
     data_dir: str = "data"
@@ -38,7 +40,8 @@ class TrainConfig:
     course_names: bool = False  # predictions under the CS224n file names and label values (data/course.py)
 
     epochs: int = 10
-    lr: Optional[float] = None  # None: the method's default (models/methods.py: 1e-5 for full, 1e-3 for the rest)
+    lr: Optional[float] = None  # None: the method's default (models/methods.py: 1e-5 for full, 1e-3 for the rest);
+    #                             a combination's parts each train at their own (see part_learning_rate)
     batch_size: int = 8  # examples per micro-batch, over all ranks together
     grad_accum: int = 1  # micro-batches per optimizer step
     eval_batch_size: int = 32
@@ -76,8 +79,8 @@ class TrainConfig:
     max_new_tokens: int = 150
 
     def __post_init__(self):
-        if isinstance(self.method, dict):
-            self.method = MethodConfig.from_dict(self.method)
+        self.method = method_from_json(self.method)
+        check_combination(method_parts(self.method))
         problems = []
         for name in ("epochs", "batch_size", "grad_accum", "eval_batch_size", "eval_every", "max_new_tokens"):
             if getattr(self, name) < 1:
@@ -123,8 +126,20 @@ class TrainConfig:
             raise ValueError("; ".join(problems))
 
     @property
+    def method_name(self) -> str:
+        """'lora', or 'lora+loreft' for a combination: how run directories, prediction files and logs name it."""
+        return combination_name(self.method)
+
+    def part_learning_rate(self, part: MethodConfig) -> float:
+        """The peak learning rate of one method, or of one part of a combination: --lr when given, else the
+        method's own default. Each part trains at its own, as it would alone."""
+        return self.lr if self.lr is not None else part.spec.lr
+
+    @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else self.method.spec.lr
+        """The peak learning rate of everything no part owns (a task's head): a single method's; for a
+        combination the largest of its parts', so the head keeps up with the fastest-moving part."""
+        return max(self.part_learning_rate(part) for part in method_parts(self.method))
 
     @property
     def budget(self) -> str:
@@ -145,7 +160,7 @@ class TrainConfig:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.output_dir) if self.output_dir is not None else Path("runs") / f"{self.task}-{self.method.method}"
+        return Path(self.output_dir) if self.output_dir is not None else Path("runs") / f"{self.task}-{self.method_name}"
 
     def to_dict(self) -> dict:
         """JSON-ready; the generation settings only for the task that generates."""
@@ -153,7 +168,8 @@ class TrainConfig:
         if self.task != "sonnet":
             for name in GENERATION_FIELDS:
                 del out[name]
-        out["method"] = self.method.to_dict()
+        out["method"] = method_to_json(self.method)
+        out["method_name"] = self.method_name
         out["learning_rate"] = self.learning_rate
         return out
 

@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from models.methods import MethodConfig, registered_methods
+from models.methods import MethodConfig, combination_name, method_parts, registered_methods
 from tasks.config import TrainConfig
 
 SPLITS = ("train", "dev", "test")
@@ -62,9 +62,9 @@ class Task(ABC):
     def check_method(self, method: MethodConfig) -> None:
         """Raises ValueError when the method cannot train anything on this task: one that trains only a task's
         head, on a task without one."""
-        if self.no_head is not None and not method.spec.adapts_gpt2:
+        if self.no_head is not None and not any(part.spec.adapts_gpt2 for part in method_parts(method)):
             adapting = ", ".join(m.name for m in registered_methods() if m.adapts_gpt2)
-            raise ValueError(f"--method {method.method} trains only a task head, and the {self.name} task has none "
+            raise ValueError(f"--method {combination_name(method)} trains only a task head, and the {self.name} task has none "
                              f"({self.no_head}); choose one of {adapting}")
 
     @abstractmethod

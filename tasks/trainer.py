@@ -22,7 +22,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -38,8 +38,10 @@ from models.peft import (
     load_adapter,
     parameter_summary,
     save_adapter,
+    trainable_by_method,
     trained_tensors,
 )
+from models.methods import combination_name, method_parts, method_to_json
 from models.tokenizer import GPT2Tokenizer
 from models.tokenizer import tokenizer_source as models_tokenizer_source
 from modules.optimizer import AdamW
@@ -97,7 +99,8 @@ class Best:
 @dataclass
 class RunResult:
     task: str
-    method: dict
+    method: Union[dict, list]  # the method's MethodConfig as JSON; a combination's: a list, one per part
+    method_name: str  # 'lora', or 'lora+loreft' for a combination
     best_epoch: Optional[int]  # 1-based; None when no epoch was evaluated
     best_dev_metric: Optional[float]  # the task's dev metric of the best checkpoint (None without dev labels)
     metric: str
@@ -135,12 +138,27 @@ def warmup_then_decay(total_steps: int, warmup_steps: int):
     return factor
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> AdamW:
-    """Weight decay on matrices only: decaying biases and LayerNorm gains towards zero only hurts."""
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float,
+                    part_lrs: Sequence[tuple[float, Sequence[nn.Parameter]]] = ()) -> AdamW:
+    """Weight decay on matrices only: decaying biases and LayerNorm gains towards zero only hurts. The parameters
+    of each (lr, parameters) pair of `part_lrs` (a combination's parts) train at that lr, the rest at `lr`: one
+    group per learning rate and kind, which the scheduler scales alike."""
+    lr_of = {id(p): part_lr for part_lr, params in part_lrs for p in params}
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    rates = list(dict.fromkeys(lr_of.get(id(p), lr) for p in params))
+    groups = [{"params": [p for p in params if lr_of.get(id(p), lr) == rate and (p.dim() >= 2) == matrix],
+               "lr": rate, "weight_decay": weight_decay if matrix else 0.0}
+              for rate in rates for matrix in (True, False)]
     return AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay)
+
+
+def describe_learning_rates(config: TrainConfig) -> str:
+    """'0.001', or each part's when a combination's parts train at different rates: '0.03 (lora 0.001, ...)'."""
+    parts = method_parts(config.method)
+    rates = {combination_name(part): config.part_learning_rate(part) for part in parts}
+    if len(set(rates.values())) < 2:
+        return f"{config.learning_rate:g}"
+    return f"{config.learning_rate:g} (" + ", ".join(f"{name} {rate:g}" for name, rate in rates.items()) + ")"
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -236,8 +254,9 @@ class Trainer:
         self.cache = feature_cache.attach(self.model, self.gpt, config.cache, config.cache_memory, self.run_dir, self.say)
         self.summary = parameter_summary(self.model)
         if not self.params:
-            raise ValueError(f"--method {config.method.method} leaves nothing to train on task {self.task.name}")
-        self.optimizer = build_optimizer(self.model, config.learning_rate, config.weight_decay)
+            raise ValueError(f"--method {config.method_name} leaves nothing to train on task {self.task.name}")
+        part_lrs = [(config.part_learning_rate(part), params) for part, params in trainable_by_method(self.gpt)]
+        self.optimizer = build_optimizer(self.model, config.learning_rate, config.weight_decay, part_lrs)
         self.steps_per_epoch = math.ceil(math.ceil(len(self.splits["train"]) / config.batch_size) / config.grad_accum)
         # A step budget sets the epochs (the last one may be partial) and the length of the schedule.
         self.epochs = math.ceil(config.budget_steps / self.steps_per_epoch) if config.budget_steps else config.epochs
@@ -245,10 +264,10 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_then_decay(total, round(config.warmup_ratio * total)))
         self.loss_module = self.dist.wrap(LossModule(self.task, self.model), self.device)
-        self.say(f"{self.task.name} / {config.method.method}: {format_parameter_summary(self.model)}")
+        self.say(f"{self.task.name} / {config.method_name}: {format_parameter_summary(self.model)}")
         self.say(f"  {len(self.splits['train'])} train, {len(self.splits['dev'])} dev, {len(self.splits['test'])} test "
                  f"examples; {self.epochs} epoch{'s' if self.epochs > 1 else ''} of {self.steps_per_epoch} steps (batch {config.batch_size} x "
-                 f"{config.grad_accum} accumulation); lr {config.learning_rate:g}; {self.device} {self.precision}"
+                 f"{config.grad_accum} accumulation); lr {describe_learning_rates(config)}; {self.device} {self.precision}"
                  + (f"; {self.dist.world_size} processes" if self.dist.enabled else "")
                  + (f"; budget {config.budget}" if config.budget_steps or config.budget_seconds else ""))
         for note in self.data_notes:
@@ -320,7 +339,7 @@ class Trainer:
     def identity(self) -> dict:
         """Settings a resumed run must share with the checkpoint, or its result would be a different run's."""
         c = self.config
-        return {"task": c.task, "model": c.model, "method": c.method.to_dict(), "seed": c.seed, "epochs": c.epochs,
+        return {"task": c.task, "model": c.model, "method": method_to_json(c.method), "seed": c.seed, "epochs": c.epochs,
                 "lr": c.learning_rate, "batch_size": c.batch_size, "grad_accum": c.grad_accum,
                 "warmup_ratio": c.warmup_ratio, "weight_decay": c.weight_decay, "max_grad_norm": c.max_grad_norm,
                 "max_length": c.max_length, "max_train_examples": c.max_train_examples, "dropout": c.dropout,
@@ -392,7 +411,7 @@ class Trainer:
             entry = {"epoch": epoch + 1, "train_loss": loss_sum / max(terms, 1), "train_seconds": progress.seconds,
                      "train_tokens": int(tokens), "train_tokens_per_second": tokens / max(progress.seconds, 1e-9),
                      "grad_norm": progress.grad_norm_sum / max(progress.epoch_steps, 1),
-                     "lr": self.scheduler.get_last_lr()[0], "step": progress.step}
+                     "lr": max(self.scheduler.get_last_lr()), "step": progress.step}
             if (epoch + 1) % config.eval_every == 0 or epoch + 1 == self.epochs or self.budget_spent():
                 entry.update(self.evaluate_epoch(epoch))
             self.history.append(entry)
@@ -570,7 +589,8 @@ class Trainer:
         epoch_seconds = [entry["train_seconds"] for entry in self.history]
         tokens = sum(entry["train_tokens"] for entry in self.history)
         return RunResult(
-            task=self.task.name, method=self.config.method.to_dict(), best_epoch=self.best.epoch,
+            task=self.task.name, method=method_to_json(self.config.method),
+            method_name=self.config.method_name, best_epoch=self.best.epoch,
             best_dev_metric=dev_metrics.get(self.task.metric), metric=self.task.metric, dev_metrics=dev_metrics,
             epochs=self.history, stopped=self.status, trainable_params=self.summary["trainable"],
             total_params=self.summary["total"],
@@ -585,7 +605,7 @@ class Trainer:
     def report(self, result: RunResult) -> None:
         score = f"dev {self.task.describe(result.dev_metrics)}" if result.dev_metrics else "no dev labels"
         predictions = [v for k, v in result.paths.items() if k.endswith("predictions")]
-        self.say(f"{self.task.name} / {self.config.method.method}: {score} (best epoch {result.best_epoch}, "
+        self.say(f"{self.task.name} / {self.config.method_name}: {score} (best epoch {result.best_epoch}, "
                  f"{result.stopped}); {result.trainable_params:,} trainable params; predictions: "
                  + (", ".join(predictions) or "none"))
 

@@ -184,9 +184,10 @@ def test_adapter_load_errors(tmp_path):
     other_shape = TinyClassifier(GPT2Model(GPT2Config(n_embd=32, n_layer=2, n_head=4)))
     with pytest.raises(ValueError, match="another shape.*n_embd 64 vs 32"):
         load_adapter(other_shape, directory)
-    with_lora = TinyClassifier(fresh(ADAPTING["lora"]))
-    with pytest.raises(ValueError, match="already has lora applied"):
-        load_adapter(with_lora, directory)
+    with_bitfit = TinyClassifier(fresh(ADAPTING["bitfit"]))  # a LoRA adapter cannot join BitFit: one weight-space method
+    lora = save_adapter(TinyClassifier(fresh(ADAPTING["lora"])), tmp_path / "lora")
+    with pytest.raises(ValueError, match="already has bitfit applied, so lora cannot be added: bitfit[+]lora: at most one"):
+        load_adapter(with_bitfit, lora)
     with pytest.raises(FileNotFoundError, match="no adapter config"):
         load_adapter(TinyClassifier(fresh()), tmp_path / "missing")
     (directory / ADAPTER_WEIGHTS).write_bytes(b"garbage")
