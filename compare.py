@@ -11,7 +11,8 @@ A variant is a method with its own flags, named: "NAME=METHOD FLAGS", or a bare 
 named after it); --methods a,b is short for --variants a b, and --variants-file reads a JSON or TOML list
 (comparison/variants.py shows the format). Every flag of the task's training script (`python train_sentiment.py
 --help`) goes to every variant; a method flag (--rank, --positions, ...) only to the variants whose method takes
-it. --method-args VARIANT="FLAGS" adds flags to one variant. The data, the model, the budget (--epochs, or
+it, and a part's own flag (--loreft.rank 1, for combinations such as lora+loreft) only to the variants with
+that part. --method-args VARIANT="FLAGS" adds flags to one variant. The data, the model, the budget (--epochs, or
 --budget-steps / --budget-seconds to stop every run at the same optimizer step or training time) and the seeds
 stay shared. --seeds N (or a list) runs every variant once per seed (N seeds from --seed on); --baseline VARIANT
 adds each variant's paired difference from it (comparison/stats.py: a paired t-test over seeds).
@@ -42,7 +43,7 @@ from typing import Any, Optional, Sequence
 from comparison.report import machine, write_outputs
 from comparison.variants import Variant, check_unique, method_name, parse_variant, read_variant_file, seed_list
 from data.readers import DataFormatError, check_file, default_paths
-from models.methods import flag_options, get_method, method_names, registered_methods
+from models.methods import flag_options, get_method, method_names, parse_combination, registered_methods
 from tasks import TASK_NAMES, get_task
 from tasks import checkpoint as ckpt
 from tasks.cli import SCRIPTS, build_parser, config_from_args, method_config_from_args, option_dest, script_of
@@ -71,6 +72,7 @@ class Run:
 
 # ----------------------------------------------------------------------------------------------- command line
 def method_list(text: str) -> list[str]:
+    """Methods or combinations (lora+loreft), comma-separated."""
     methods = [m.strip() for m in text.split(",") if m.strip()]
     try:
         methods = [method_name(m) for m in methods]
@@ -95,7 +97,8 @@ def own_parser() -> argparse.ArgumentParser:
                                       for script, tasks in SCRIPTS.items()) + ".")
     own.add_argument("--task", required=True, choices=TASK_NAMES)
     own.add_argument("--methods", type=method_list, default=[],
-                     help=f"comma-separated methods, each a variant named after it, among {', '.join(method_names())}")
+                     help=f"comma-separated methods, each a variant named after it, among {', '.join(method_names())}, or "
+                     "combinations of them (lora+loreft)")
     own.add_argument("--variants", nargs="+", type=variant_arg, default=[], metavar='"NAME=METHOD FLAGS"',
                      help='variants: "lora-r8=lora --rank 8", or a bare method name')
     own.add_argument("--variants-file", type=Path, help="more variants, from a .json or .toml file")
@@ -152,9 +155,12 @@ def parse_command(argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, li
         return ns
 
     shared = parse_run_flags(rest)
-    takes = {v.name: get_method(v.method).options for v in variants}
+    takes = {v.name: {name for method, _ in parse_combination(v.method) for name in get_method(method).options}
+             for v in variants}
+    parts = {v.name: {name or method for method, name in parse_combination(v.method)} for v in variants}
     unused = [option.flag for option in flag_options() if getattr(shared, option_dest(option)) is not None
               and not any(option.name in takes[v.name] for v in variants)]
+    unused += [typed for part, _, _, typed in shared.part_flags if not any(part in parts[v.name] for v in variants)]
     if unused:
         own.error(f"{', '.join(unused)} applies to none of the methods {','.join(dict.fromkeys(v.method for v in variants))}")
     configs = {}
@@ -163,6 +169,8 @@ def parse_command(argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, li
         for option in flag_options():
             if getattr(own_flags, option_dest(option)) is None and option.name not in takes[v.name]:
                 setattr(ns, option_dest(option), None)  # a shared flag meant for the other variants
+        # A shared --PART.FLAG goes to the variants that have that part (--loreft.rank: loreft, lora+loreft, ...).
+        ns.part_flags = [flag for flag in ns.part_flags if flag in own_flags.part_flags or flag[0] in parts[v.name]]
         ns.method, ns.output_dir, ns.predictions_dir = v.method, str(args.output_dir / v.name), "predictions"
         try:
             method_config_from_args(ns)

@@ -21,7 +21,8 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.methods import method_names
+from models.methods import method_names, method_parts, parse_methods
+from models.peft import check_combination
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")  # a variant's name is also its run directory's
 
@@ -41,10 +42,11 @@ class Variant:
 
 
 def method_name(text: str) -> str:
-    """The one place a comparison reads a method's name (--methods, --variants, variant files)."""
+    """The one place a comparison reads a method's name (--methods, --variants, variant files): a method, or a
+    combination of methods (lora+loreft) that may share a model."""
     name = text.strip()
     if name not in method_names():
-        raise ValueError(f"unknown method {name!r}; choose among {', '.join(method_names())}")
+        check_combination(method_parts(parse_methods(name)))  # ValueError naming the unknown or refused part
     return name
 
 

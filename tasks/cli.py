@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 from typing import Optional, Sequence
 
@@ -12,12 +13,15 @@ from models.gpt2 import PRECISION_CHOICES, PRECISION_HELP
 from models.methods import (
     MethodConfig,
     OPTIONS,
+    Option,
     OptionError,
     flag_options,
     get_method,
     method_names,
+    parse_combination,
     registered_methods,
 )
+from models.peft import check_combination
 from tasks.config import TrainConfig, seed_problem
 from tasks.feature_cache import parse_size
 from tasks.trainer import TrainingDiverged, run_training
@@ -93,7 +97,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def build_parser(script: str, default_task: Optional[str] = None) -> argparse.ArgumentParser:
     tasks = SCRIPTS[script]
     defaults = TrainConfig(task=tasks[0])
-    parser = argparse.ArgumentParser(description=DESCRIPTIONS[script], formatter_class=HelpFormatter)
+    parser = ScriptParser(description=DESCRIPTIONS[script], formatter_class=HelpFormatter)
     if len(tasks) > 1:
         parser.add_argument("--task", choices=tasks, default=default_task or tasks[0], help="which data set")
     else:
@@ -224,11 +228,67 @@ def course_dest(flag: str) -> str:
     return "course_" + flag.lstrip("-")
 
 
+PART_FLAG = re.compile(r"--([A-Za-z0-9_-]+)\.([a-z][a-z0-9-]*)(?:=(.*))?", re.DOTALL)  # --loreft.rank[=1]
+COMBINATION_HELP = ("what to train: one method, or a combination joined with '+' (lora+loreft, bitfit+loreft+noreft): "
+                    "at most one weight-space method, any number of ReFT-family adapters, at most one soft-prompt "
+                    "method; two parts of one method need names after ':' (loreft:early+loreft:late). A method flag "
+                    "applies to every part that takes it; --PART.FLAG VALUE (--loreft.rank 1, --late.positions l1) "
+                    "sets it for one part, PART being its method or its name")
+
+
+class ScriptParser(argparse.ArgumentParser):
+    """The scripts' parser: argparse, plus a part's own method flags, --PART.FLAG [VALUE] (--loreft.rank 1,
+    --loreft.untie-positions, --late.positions=l1), which argparse cannot declare ahead of the --method value.
+    They are taken out first and left in `part_flags`, (part, option, raw value, the flag as typed) each, for
+    method_config_from_args."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        tokens = list(sys.argv[1:] if args is None else args)
+        rest, part_flags, i = [], [], 0
+        while i < len(tokens):
+            match = PART_FLAG.fullmatch(tokens[i])
+            if match is None:
+                rest.append(tokens[i])
+                i += 1
+                continue
+            part, flag, value = match.groups()
+            typed = f"--{part}.{flag}"
+            option = next((o for o in flag_options() if o.flag == f"--{flag}"), None)
+            if option is None:
+                self.error(f"{typed}: --{flag} is not a method flag; a part's own flag is --PART.FLAG with FLAG one of "
+                           + ", ".join(o.flag.lstrip("-") for o in flag_options()))
+            if option.switch is not None:
+                if value is not None:
+                    self.error(f"argument {typed}: ignored explicit argument {value!r}")
+                value = option.switch
+            elif value is None:
+                if i + 1 == len(tokens) or tokens[i + 1].startswith("--"):
+                    self.error(f"argument {typed}: expected one argument")
+                i += 1
+                value = tokens[i]
+            part_flags.append((part, option, value, typed))
+            i += 1
+        namespace, extras = super().parse_known_args(rest, namespace)
+        namespace.part_flags = part_flags
+        return namespace, extras
+
+
+def method_text(text: str) -> str:
+    """--method's value: one method or a combination of known methods."""
+    try:
+        parse_combination(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"invalid choice: {error} (a combination joins methods with '+', e.g. "
+                                         "lora+loreft)") from None
+    return text
+
+
 def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     """--method and one flag per method option, all from the registry (models/methods.py). Option flags default
     to None, so that what was not given takes the chosen method's default and what was given can be checked."""
     group = parser.add_argument_group("fine-tuning method")
-    group.add_argument("--method", default=MethodConfig().method, choices=method_names(), help="what to train")
+    group.add_argument("--method", default=MethodConfig().method, type=method_text, metavar="METHOD[+METHOD...]",
+                       help=f"{COMBINATION_HELP}; methods: {', '.join(method_names())}")
     for option in flag_options():
         help = f"{option.help} ({defaults_by_method(option.name)})"
         if option.switch is not None:
@@ -255,29 +315,71 @@ def defaults_by_method(name: str) -> str:
     return "default " + "; ".join(f"{default} for {', '.join(users)}" for default, users in groups.items())
 
 
-def method_config_from_args(args: argparse.Namespace, parser: Optional[argparse.ArgumentParser] = None) -> MethodConfig:
-    """The MethodConfig of add_method_arguments' flags. A flag the method does not take, or a bad value, is a
-    command-line error naming the flag (a ValueError without a parser)."""
+def method_config_from_args(args: argparse.Namespace, parser: Optional[argparse.ArgumentParser] = None
+                            ) -> MethodConfig | list[MethodConfig]:
+    """The MethodConfig of add_method_arguments' flags, or for a combination (--method lora+loreft) the list of
+    its parts' (models/registry.py). A flag applies to every part that takes it; --PART.FLAG (ScriptParser) sets
+    it for one part. In a combination each ReFT-family part is named after its part (its method, or the name
+    after ':'), so that parts never share a name. A flag no part takes, a bad value or a combination that is not
+    allowed is a command-line error naming the flag (a ValueError without a parser)."""
     def fail(message: str):
         if parser is not None:
             parser.error(message)
         raise ValueError(message)
 
-    spec, options = get_method(args.method), {}
-    for option in flag_options():
+    text = args.method
+    try:
+        named = parse_combination(text)
+    except ValueError as error:
+        fail(f"--method {error}")
+    labels = [name or method for method, name in named]
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        fail(f"--method {text}: two parts are called {repeated[0]!r}; name them apart after ':', e.g. "
+             f"{repeated[0]}:early+{repeated[0]}:late")
+    takes = [get_method(method).options for method, _ in named]
+    options: list[dict] = [{} for _ in named]
+    given: list[dict] = [{} for _ in named]  # option -> the flag that set it, for messages
+    for option in flag_options():  # a flag given once: every part that takes it
         raw = getattr(args, option_dest(option), None)
         if raw is None:
             continue
-        if option.name not in spec.options:
-            fail(f"{option.flag} does not apply to method {args.method!r}")
+        takers = [i for i, options_of in enumerate(takes) if option.name in options_of]
+        if not takers:
+            fail(f"{option.flag} does not apply to method {text!r}")
+        value = flag_value(option, raw, option.flag, fail)
+        for i in takers:
+            options[i][option.name], given[i][option.name] = value, option.flag
+    for label, option, raw, typed in getattr(args, "part_flags", []):  # --PART.FLAG: that part only
+        if label not in labels:
+            fail(f"{typed}: --method {text} has no part called {label!r} (its parts: {', '.join(labels)})")
+        i = labels.index(label)
+        if option.name not in takes[i]:
+            fail(f"{typed}: {option.flag} does not apply to method {named[i][0]!r}")
+        options[i][option.name], given[i][option.name] = flag_value(option, raw, typed, fail), typed
+    parts = []
+    for (method, name), label, chosen, flags in zip(named, labels, options, given):
+        if "name" in get_method(method).options and (name or len(named) > 1):
+            chosen["name"] = label
         try:
-            options[option.name] = raw if option.switch is not None else option.parse(raw)
-        except ValueError as error:
-            fail(f"{option.flag} {error}")
+            parts.append(MethodConfig(method, **chosen))
+        except OptionError as error:
+            fail(f"{flags.get(error.option.name, error.option.flag)} {error.detail}")
     try:
-        return MethodConfig(args.method, **options)
-    except OptionError as error:
-        fail(f"{error.option.flag} {error.detail}")
+        check_combination(parts)
+    except ValueError as error:
+        fail(f"--method {error}")
+    return parts[0] if len(parts) == 1 else parts
+
+
+def flag_value(option: Option, raw, flag: str, fail):
+    """A method flag's value, parsed (a switch's is the value it sets); a bad one fails naming `flag`."""
+    if option.switch is not None:
+        return raw
+    try:
+        return option.parse(raw)
+    except ValueError as error:
+        fail(f"{flag} {error}")
 
 
 def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainConfig:
