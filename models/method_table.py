@@ -1,4 +1,4 @@
-"""The README's tables of methods and method flags, generated from the registry (models/methods.py), so that
+"""The README's tables of methods and method flags and its note on combinations, generated from the registry (models/methods.py), so that
 they cannot drift from the code: `python -m models.method_table` prints them, and a test checks the README
 holds exactly these."""
 from __future__ import annotations
@@ -9,16 +9,16 @@ import torch
 
 from models.config import GPT2Config
 from models.gpt2 import GPT2Model
-from models.methods import OPTIONS, MethodConfig, flag_options, registered_methods
-from models.peft import apply_method
+from models.methods import OPTIONS, MethodConfig, flag_options, parse_methods, registered_methods
+from models.peft import AT_MOST_ONE, apply_method
 
 
-def gpt2_trainable_count(method: str) -> int:
-    """GPT-2 parameters a method trains at the gpt2 shape with its defaults (counted on the meta device: no
-    memory, no weights)."""
+def gpt2_trainable_count(method: "str | MethodConfig | list[MethodConfig]") -> int:
+    """GPT-2 parameters a method, or a combination ('lora+loreft' or a list of parts), trains at the gpt2 shape
+    (by name: with its defaults), counted on the meta device: no memory, no weights."""
     with torch.device("meta"):
         gpt = GPT2Model(GPT2Config.preset("gpt2"))
-    apply_method(gpt, MethodConfig(method))
+    apply_method(gpt, parse_methods(method) if isinstance(method, str) else method)
     return sum(p.numel() for p in gpt.parameters() if p.requires_grad)
 
 
@@ -38,6 +38,23 @@ def method_table() -> str:
     return "\n".join(lines)
 
 
+COMBINATION_EXAMPLE = "lora+loreft"
+
+
+def combination_note() -> str:
+    """The README's paragraph on combinations: who may combine (from the methods' families) and how the counts
+    add up, on an example."""
+    def members(family: str) -> str:
+        return ", ".join(f"`{m.name}`" for m in registered_methods() if m.family == family) or "none yet"
+
+    parts = COMBINATION_EXAMPLE.split("+")
+    sums = " + ".join(f"{gpt2_trainable_count(part):,} ({part})" for part in parts)
+    return (f"Methods combine in one model with `+`: at most one {AT_MOST_ONE['weights']} ({members('weights')}), any "
+            f"number of ReFT-family adapters ({members('reft')}) and at most one {AT_MOST_ONE['prompt']} "
+            f"({members('prompt')}); {members('base')} and {members('head')} stand alone. Counts add up: "
+            f"`{COMBINATION_EXAMPLE}` trains {sums} = {gpt2_trainable_count(COMBINATION_EXAMPLE):,} on gpt2.")
+
+
 def option_table() -> str:
     lines = ["| flag | meaning | methods |", "|---|---|---|"]
     for option in flag_options():
@@ -48,4 +65,4 @@ def option_table() -> str:
 
 
 if __name__ == "__main__":
-    sys.stdout.write(method_table() + "\n\n" + option_table() + "\n")
+    sys.stdout.write(method_table() + "\n\n" + combination_note() + "\n\n" + option_table() + "\n")

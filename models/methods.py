@@ -33,6 +33,7 @@ from models.registry import (
     method_to_json,
     one_of,
     parse_combination,
+    parse_methods,
     parse_float,
     parse_int,
     probability,
@@ -45,7 +46,7 @@ from modules.reft import ACTIVATIONS, COMPONENTS, POSITIONS_RULE, PositionedInte
 
 __all__ = ["MethodConfig", "Method", "Option", "OptionError", "OPTIONS", "combination_name", "define_option",
            "describe_default", "flag_options", "get_method", "method_from_json", "method_names", "method_parts",
-           "method_to_json", "parse_combination", "register_method", "registered_methods"]
+           "method_to_json", "parse_combination", "parse_methods", "register_method", "registered_methods"]
 
 
 # ------------------------------------------------------------------------------------------------- options

@@ -234,21 +234,31 @@ def combination_name(method: "MethodConfig | list[MethodConfig]") -> str:
 
 
 def parse_combination(text: str) -> list[tuple[str, Optional[str]]]:
-    """'lora+loreft:late' -> [('lora', None), ('loreft', 'late')]: each part's method and the adapter name
-    written after ':'. ValueError naming the bad part."""
+    """'lora+loreft:late' -> [('lora', None), ('loreft', 'late')]: each part's method and, for a stacking method,
+    the adapter name it takes: the one written after ':', else in a combination its method's, so that parts of
+    different methods never share one ('loreft+noreft' -> names 'loreft' and 'noreft'). ValueError naming the
+    bad part."""
+    items = text.split(JOIN)
     parts = []
-    for item in text.split(JOIN):
+    for item in items:
         method, named, name = item.strip().partition(NAMED)
         if not method:
             raise ValueError(f"{text!r}: an empty part; join method names with {JOIN!r}, e.g. lora+loreft")
-        spec = get_method(method)
+        stacks = "name" in get_method(method).options
         if named:
-            if "name" not in spec.options:
+            if not stacks:
                 raise ValueError(f"{item!r}: only a stacking (ReFT-family) method takes a name after {NAMED!r}")
             if not name or not all(c.isalnum() or c in "_-" for c in name):
                 raise ValueError(f"{item!r}: a part's name is made of {PART_NAME_RULE}")
-        parts.append((method, name or None))
+        parts.append((method, name or (method if stacks and len(items) > 1 else None)))
     return parts
+
+
+def parse_methods(text: str) -> "MethodConfig | list[MethodConfig]":
+    """The method or combination that `text` names, with default options: parse_methods('lora+loreft') is
+    [MethodConfig('lora'), MethodConfig('loreft', name='loreft')]. The command line builds the same, with flags."""
+    parts = [MethodConfig(method, name=name) for method, name in parse_combination(text)]
+    return parts[0] if len(parts) == 1 else parts
 
 
 def method_to_json(method: "MethodConfig | list[MethodConfig]") -> "dict | list[dict]":

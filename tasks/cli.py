@@ -319,8 +319,7 @@ def method_config_from_args(args: argparse.Namespace, parser: Optional[argparse.
                             ) -> MethodConfig | list[MethodConfig]:
     """The MethodConfig of add_method_arguments' flags, or for a combination (--method lora+loreft) the list of
     its parts' (models/registry.py). A flag applies to every part that takes it; --PART.FLAG (ScriptParser) sets
-    it for one part. In a combination each ReFT-family part is named after its part (its method, or the name
-    after ':'), so that parts never share a name. A flag no part takes, a bad value or a combination that is not
+    it for one part; each ReFT-family part takes the adapter name parse_combination gives it. A flag no part takes, a bad value or a combination that is not
     allowed is a command-line error naming the flag (a ValueError without a parser)."""
     def fail(message: str):
         if parser is not None:
@@ -359,8 +358,8 @@ def method_config_from_args(args: argparse.Namespace, parser: Optional[argparse.
         options[i][option.name], given[i][option.name] = flag_value(option, raw, typed, fail), typed
     parts = []
     for (method, name), label, chosen, flags in zip(named, labels, options, given):
-        if "name" in get_method(method).options and (name or len(named) > 1):
-            chosen["name"] = label
+        if name is not None:
+            chosen["name"] = name
         try:
             parts.append(MethodConfig(method, **chosen))
         except OptionError as error:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from models import registry
-from models.method_table import gpt2_trainable_count, method_table, option_table
+from models.method_table import combination_note, gpt2_trainable_count, method_table, option_table
 from models.methods import MethodConfig, get_method, method_names
 from models.peft import apply_method, load_adapter, save_adapter
 from tasks.cli import build_parser, parse_args
@@ -155,7 +155,8 @@ def test_registry_refuses_conflicting_declarations():
 
 
 def test_readme_tables_are_the_registrys():
-    """The README's method and flag tables are `python -m models.method_table`'s output, row for row."""
+    """The README's method and flag tables and its combinations note are `python -m models.method_table`'s output,
+    row for row."""
     readme = README.read_text()
-    for table in (method_table(), option_table()):
+    for table in (method_table(), combination_note(), option_table()):
         assert table in readme, f"README is out of date; paste `python -m models.method_table`:\n{table}"
