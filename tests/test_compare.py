@@ -296,6 +296,35 @@ def test_a_failing_run_is_recorded_and_the_others_still_run_and_resume_retries_i
     assert again[0]["result"]["stopped"] == "finished" and again[1] == loreft
 
 
+def test_a_part_flag_goes_to_the_variants_with_that_part(tmp_path, task_files):
+    _, runs = parse_command(compare_args(tmp_path, task_files, ["lora", "loreft", "lora+loreft",
+                                                                "r4=lora+loreft --lora.rank 4"],
+                                         "--rank", "2", "--loreft.positions", "l1"))
+    by = {r.variant.name: r.config for r in runs}
+    assert by["lora"].method == MethodConfig("lora", rank=2)
+    assert by["loreft"].method == MethodConfig("loreft", rank=2, positions="l1")
+    assert by["lora+loreft"].method == [MethodConfig("lora", rank=2),
+                                        MethodConfig("loreft", rank=2, positions="l1", name="loreft")]
+    assert by["r4"].method[0] == MethodConfig("lora", rank=4) and by["r4"].method[1] == by["lora+loreft"].method[1]
+    assert by["lora+loreft"].run_dir == tmp_path / "lora+loreft" / "seed-11711"
+
+
+@pytest.mark.slow  # two runs
+def test_a_combination_gets_its_own_row(tmp_path, task_files, capsys):
+    code, printed, err = run_compare(compare_args(tmp_path, task_files, ["loreft", "lora+loreft"], "--in-process"), capsys)
+    assert code == 0, err
+    header, *rows = table_lines(printed)
+    rows = {row[0]: dict(zip(header, row)) for row in rows}
+    saved = {run["variant"]: run for run in json.loads((tmp_path / "comparison.json").read_text())["runs"]}
+    lora = 2 * 2 * 2 * (8 * 64)  # tiny: 2 layers, d 64, rank 8 on query and value
+    combined, alone = saved["lora+loreft"]["result"], saved["loreft"]["result"]
+    assert combined["method_name"] == "lora+loreft" and [m["method"] for m in combined["method"]] == ["lora", "loreft"]
+    assert combined["trainable_params"] == alone["trainable_params"] + lora
+    assert rows["lora+loreft"]["trainable params"] == f"{combined['trainable_params']:,}"
+    assert rows["lora+loreft"]["status"] == "finished"
+    assert (tmp_path / "lora+loreft" / "seed-11711" / "predictions" / "lora+loreft-sst-dev-out.csv").is_file()
+
+
 # ----------------------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize("variants, extra, message", [
     (["lora", "nope"], [], "argument --variants: variant 'nope': unknown method 'nope'"),
@@ -303,6 +332,9 @@ def test_a_failing_run_is_recorded_and_the_others_still_run_and_resume_retries_i
     (["lora --rank 2"], [], "needs a name"),
     ([], ["--methods", "lora,lora"], "list each method once"),
     ([], ["--methods", "lora,nope"], "argument --methods: unknown method 'nope'"),
+    (["lora", "full+lora"], [], "argument --variants: variant 'full+lora': full+lora: full cannot be combined"),
+    ([], ["--methods", "lora,full+lora"], "argument --methods: full+lora: full cannot be combined with other methods"),
+    (["lora", "lora+loreft"], ["--noreft.rank", "1"], "--noreft.rank applies to none of the methods lora,lora+loreft"),
     (["full", "loreft"], ["--lora-targets", "query"], "--lora-targets applies to none of the methods full,loreft"),
     (["lora", "loreft"], ["--method-args", "lora=--epochs 3"], "every variant must share epochs"),
     (["lora", "r2=lora --seed 3"], [], "every variant must share seed"),

@@ -1,0 +1,287 @@
+"""Combinations of methods in one model (models/peft.py apply_method and check_combination, the command line's
+--method lora+loreft and --PART.FLAG, the trainer's per-part learning rates): counts that add up, the family
+rule, identity at the start, padding, exact reloads, generation and merging, and a training run end to end."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from models import registry
+from models.config import GPT2Config
+from models.generation import SamplingConfig, generate
+from models.gpt2 import GPT2Model
+from models.method_table import gpt2_trainable_count
+from models.methods import (
+    MethodConfig,
+    combination_name,
+    get_method,
+    method_from_json,
+    method_to_json,
+    parse_methods,
+    registered_methods,
+)
+from models.peft import (
+    ADAPTER_CONFIG,
+    apply_method,
+    applied_methods,
+    load_adapter,
+    parameter_summary,
+    save_adapter,
+    set_lora_merged,
+    trainable_by_method,
+)
+from modules.reft import PositionedIntervention
+from tasks import get_task
+from tasks.cli import parse_args
+from tasks.distributed import Distributed
+from tasks.trainer import Trainer
+from tests.fixtures.models import random_model
+from tests.fixtures.peft import ADAPTING, fresh, perturb_trainable, right_padded
+from tests.fixtures.task_files import base_args, run_script, tokenizer_of
+from tests.test_peft import TinyClassifier, to_left_padding
+
+pytestmark = [pytest.mark.filterwarnings("ignore:GPT2Model. random weights"), pytest.mark.usefixtures("one_thread")]
+
+COMBINED = {
+    "lora+loreft": [ADAPTING["lora"], MethodConfig("loreft", rank=4, positions="f1+l1", name="loreft")],
+    "bitfit+loreft+noreft": [ADAPTING["bitfit"], MethodConfig("loreft", rank=2, positions="l1", name="loreft"),
+                             MethodConfig("noreft", rank=2, positions="f2", components=("attention",), name="noreft")],
+    "reft+layernorm": [ADAPTING["reft"], ADAPTING["layernorm"]],  # written reft first: applied layernorm first
+}
+
+
+def meta_gpt2() -> GPT2Model:
+    with torch.device("meta"):
+        return GPT2Model(GPT2Config.preset("gpt2"))
+
+
+# ----------------------------------------------------------------------------------------------- counts
+def test_counts_add_up_at_gpt2_shape():
+    assert gpt2_trainable_count("lora+loreft") == 294_912 + 73_776 == 368_688
+    gpt = apply_method(meta_gpt2(), parse_methods("bitfit+loreft+noreft"))
+    by_part = {part.method: sum(p.numel() for p in params) for part, params in trainable_by_method(gpt)}
+    assert by_part == {"bitfit": 102_144, "loreft": 73_776, "noreft": 73_776}
+    assert parameter_summary(gpt)["trainable"] == 102_144 + 2 * 73_776
+    assert all(gpt2_trainable_count(name) == count for name, count in by_part.items())
+
+
+def test_parts_are_applied_weights_first_and_all_train():
+    model = fresh(COMBINED["reft+layernorm"])
+    assert [m.method for m in applied_methods(model)] == ["layernorm", "reft"]
+    # The ReFT wrapper froze the layer it wraps, LayerNorms included: apply_method gave them back to their part.
+    assert model.h[0].layer.ln_1.weight.requires_grad and model.h[0].interventions["ffn"]["default"].interventions[0].source.weight.requires_grad
+    assert not model.h[0].layer.attn.c_attn.weight.requires_grad and not model.wte.weight.requires_grad
+    owned = [{id(p) for p in params} for _, params in trainable_by_method(model)]
+    assert not owned[0] & owned[1]
+    assert set().union(*owned) == {id(p) for p in model.parameters() if p.requires_grad}
+
+
+# ----------------------------------------------------------------------------------------------- the rule
+@pytest.mark.parametrize("parts, message", [
+    (["full", "lora"], "full[+]lora: full cannot be combined with other methods"),
+    (["last-linear-layer", "loreft"], "last-linear-layer[+]loreft: last-linear-layer cannot be combined"),
+    (["lora", "bitfit"], "lora[+]bitfit: at most one weight-space method per model, got lora and bitfit"),
+    (["loreft", "noreft"], "loreft[+]noreft: two ReFT-family parts are both named 'default'; give each its own name"),
+])
+def test_disallowed_combinations_are_refused_naming_the_parts(parts, message):
+    model = random_model("tiny")
+    with pytest.raises(ValueError, match=message):
+        apply_method(model, [MethodConfig(name) for name in parts])
+    assert applied_methods(model) == [] and all(type(layer).__name__ == "GPT2Layer" for layer in model.h)
+
+
+@pytest.fixture
+def two_prompt_methods():
+    """Two soft-prompt methods (family "prompt"), registered for one test: the rule allows one per model."""
+    methods = dict(registry.METHODS)
+
+    def add_prompt(gpt, config, layers):
+        gpt.register_parameter("test_prompt", nn.Parameter(torch.zeros(4, gpt.config.n_embd)))
+
+    for name in ("soft-a", "soft-b"):
+        registry.register_method(registry.Method(name, "virtual tokens", add_prompt, family="prompt"))
+    yield
+    registry.METHODS.clear(), registry.METHODS.update(methods)
+
+
+def test_at_most_one_soft_prompt_method(two_prompt_methods):
+    with pytest.raises(ValueError, match=r"soft-a\+soft-b: at most one soft-prompt method per model"):
+        apply_method(random_model("tiny"), [MethodConfig("soft-a"), MethodConfig("soft-b")])
+    model = apply_method(random_model("tiny"), parse_methods("lora+soft-a+loreft"))
+    assert [m.method for m in applied_methods(model)] == ["lora", "soft-a", "loreft"] and model.test_prompt.requires_grad
+
+
+def test_a_weight_space_method_cannot_come_after_an_adapter():
+    model = fresh(MethodConfig("loreft"))
+    with pytest.raises(ValueError, match=r"already has loreft applied; a weight-space method \(lora\) must come first"):
+        apply_method(model, MethodConfig("lora"))
+    model = fresh(MethodConfig("lora"))
+    apply_method(model, MethodConfig("loreft"))  # the other way round is a combination built in two calls
+    assert combination_name(applied_methods(model)) == "lora+loreft"
+    with pytest.raises(ValueError, match=r"already has lora\+loreft applied, so bitfit cannot be added"):
+        apply_method(model, MethodConfig("bitfit"))
+
+
+@pytest.mark.parametrize("prompt", [m.name for m in registered_methods() if m.family == "prompt"])
+def test_reft_positions_count_real_prompt_tokens_never_virtual_ones(prompt):
+    """The hook for soft prompts: whatever virtual tokens a prompt-family method adds, the intervention's
+    prompt_mask marks exactly each row's real tokens (no prompt method is registered yet: then this is skipped)."""
+    model = fresh([MethodConfig(prompt), MethodConfig("loreft", positions="f1+l1", name="loreft")])
+    seen = []
+    for module in model.modules():
+        if isinstance(module, PositionedIntervention):
+            module.register_forward_hook(lambda m, args, out: seen.append(args[1].prompt_mask))
+    ids, mask = right_padded([6, 3])
+    with torch.no_grad():
+        model(ids, mask)
+    assert seen and all(torch.equal(m.sum(-1).cpu(), mask.sum(-1)) for m in seen)
+
+
+# ----------------------------------------------------------------------------------------------- behaviour
+@pytest.mark.parametrize("name", list(COMBINED))
+def test_a_combination_starts_as_the_identity_and_one_step_moves_every_part(name):
+    base, model = fresh(), fresh(COMBINED[name])
+    ids, mask = right_padded([9, 5, 7])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, mask)["last_hidden_state"], base(ids, mask)["last_hidden_state"],
+                                   atol=1e-5, rtol=0)
+    head = nn.Linear(model.config.n_embd, 3)
+    frozen = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
+    parts = trainable_by_method(model)
+    before = [[p.detach().clone() for p in params] for _, params in parts]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad] + list(head.parameters()), lr=1e-2)
+    nn.functional.cross_entropy(head(model(ids, mask)["last_token"]), torch.tensor([0, 1, 2])).backward()
+    optimizer.step()
+    for (part, params), old in zip(parts, before):
+        assert any(not torch.equal(p, o) for p, o in zip(params, old)), f"{part.method} did not train"
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+
+
+@pytest.mark.parametrize("name", list(COMBINED))
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_batch_gives_each_example_its_own_outputs(name, side):
+    model = fresh(COMBINED[name])
+    perturb_trainable(model, scale=0.2)
+    ids, mask = right_padded([9, 1, 4, 6])
+    if side == "left":
+        ids, mask = to_left_padding(ids, mask)
+    with torch.no_grad():
+        batch = model(ids, mask)
+        for row in range(ids.shape[0]):
+            alone = model(ids[row, mask[row].bool()][None])
+            torch.testing.assert_close(batch["last_token"][row], alone["last_token"][0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(COMBINED))
+def test_one_adapter_directory_reloads_a_combination_exactly(tmp_path, name):
+    model = TinyClassifier(fresh(COMBINED[name]))
+    perturb_trainable(model)
+    directory = save_adapter(model, tmp_path / name)
+    saved = json.loads((directory / ADAPTER_CONFIG).read_text())
+    assert saved["methods"] == method_to_json(applied_methods(model.gpt))
+    assert saved["parameters"] == parameter_summary(model)["trainable"]
+    reloaded = load_adapter(TinyClassifier(fresh()), directory)  # the file's perturbed head and parts win
+    ids, mask = right_padded([7, 2, 5])
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids, mask), model(ids, mask))
+    # Every part trains again, so a reloaded combination can go on training as it was.
+    assert [n for n, p in reloaded.named_parameters() if p.requires_grad] == \
+        [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+@pytest.mark.slow  # 24 generated tokens with and without the cache
+def test_generation_cache_equals_no_cache_and_merging_folds_only_the_weight_part():
+    model = fresh(COMBINED["lora+loreft"])
+    perturb_trainable(model, scale=0.5)
+    prompts = [[5, 17, 400, 33, 9], [101, 7], [7, 7, 7, 2000]]
+    sampling = SamplingConfig(max_new_tokens=8)
+    cached = generate(model, prompts, sampling, use_cache=True)
+    assert cached == generate(model, prompts, sampling, use_cache=False)
+    ids, mask = right_padded([8, 3])
+    silent = copy.deepcopy(model)  # the same model with its ReFT part switched off
+    for module in silent.modules():
+        if isinstance(module, PositionedIntervention):
+            module.register_forward_hook(lambda m, args, out: args[0])
+    with torch.no_grad():
+        unmerged = model(ids, mask)["last_hidden_state"]
+        set_lora_merged(model, True)
+        set_lora_merged(silent, True)
+        merged, merged_without_reft = model(ids, mask)["last_hidden_state"], silent(ids, mask)["last_hidden_state"]
+        assert all(m.merged for m in model.modules() if hasattr(m, "merged"))
+        set_lora_merged(model, False)
+    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=0)
+    assert (merged - merged_without_reft).abs().max() > 1e-3  # the ReFT part still acts on the merged model
+
+
+# ----------------------------------------------------------------------------------------------- command line
+def test_command_line_gives_each_part_its_options():
+    config = parse_args("sst", ["--method", "lora+loreft", "--rank", "4", "--loreft.rank", "1", "--loreft.positions=l1",
+                                "--loreft.untie-positions", "--lora-targets", "query,key"])
+    assert config.method == [MethodConfig("lora", rank=4, targets=("query", "key")),
+                             MethodConfig("loreft", rank=1, positions="l1", tie_positions=False, name="loreft")]
+    assert config.method_name == "lora+loreft" and str(config.run_dir) == "runs/sst-lora+loreft"
+    config = parse_args("sst", ["--method", "loreft:early+loreft:late", "--layers", "0", "--late.layers", "1"])
+    assert config.method == [MethodConfig("loreft", layers=[0], name="early"), MethodConfig("loreft", layers=[1], name="late")]
+    assert config.method_name == "loreft:early+loreft:late"
+    assert method_from_json(json.loads(json.dumps(config.to_dict()["method"]))) == config.method
+    assert parse_args("sst", ["--method", "loreft:mine"]).method == MethodConfig("loreft", name="mine")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "full+lora"], "--method full+lora: full cannot be combined with other methods"),
+    (["--method", "lora+dora"], "argument --method: invalid choice: unknown method 'dora'"),
+    (["--method", "lora+bitfit"], "--method lora+bitfit: at most one weight-space method per model"),
+    (["--method", "loreft+loreft"], "--method loreft+loreft: two parts are called 'loreft'"),
+    (["--method", "lora:mine"], "'lora:mine': only a stacking (ReFT-family) method takes a name"),
+    (["--method", "lora+loreft", "--noreft.rank", "1"], "--noreft.rank: --method lora+loreft has no part called 'noreft'"),
+    (["--method", "lora+loreft", "--lora.positions", "l1"], "--lora.positions: --positions does not apply to method 'lora'"),
+    (["--method", "lora+loreft", "--loreft.rank", "0"], "--loreft.rank must be >= 1, got 0"),
+    (["--method", "lora+loreft", "--loreft.rank", "x"], "--loreft.rank must be an integer, got 'x'"),
+    (["--method", "lora+loreft", "--loreft.rank"], "argument --loreft.rank: expected one argument"),
+    (["--method", "lora+loreft", "--loreft.bogus", "1"], "--loreft.bogus: --bogus is not a method flag"),
+    (["--method", "loreft+noreft", "--lora-targets", "query"], "--lora-targets does not apply to method 'loreft+noreft'"),
+])
+def test_command_line_errors_name_the_flag(capsys, argv, message):
+    if "dora" in argv[1] and "dora" in [m.name for m in registered_methods()]:
+        argv, message = ["--method", "lora+dora"], "--method lora+dora: at most one weight-space method per model"
+    with pytest.raises(SystemExit) as exit:
+        parse_args("sst", argv)
+    assert exit.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_each_part_trains_at_its_own_learning_rate(tmp_path, task_files, monkeypatch):
+    monkeypatch.setitem(registry.METHODS, "loreft", dataclasses.replace(get_method("loreft"), lr=5e-3))
+    config = parse_args("sst", base_args(tmp_path, task_files, method="lora+loreft", max_train_examples=4))
+    assert config.learning_rate == 5e-3  # the head's: the largest part's
+    trainer = Trainer(get_task("sst"), config, Distributed(), torch.device("cpu"))
+    trainer.setup()
+    lr_of = {id(p): group["lr"] for group in trainer.optimizer.param_groups for p in group["params"]}
+    for part, params in trainable_by_method(trainer.gpt):
+        assert params and {lr_of[id(p)] for p in params} == {1e-3 if part.method == "lora" else 5e-3}
+    assert {lr_of[id(p)] for p in trainer.model.head.parameters()} == {5e-3}
+    assert len(lr_of) == sum(p.requires_grad for p in trainer.model.parameters())
+    again = parse_args("sst", base_args(tmp_path / "again", task_files, method="lora+loreft", lr=2e-4))
+    assert {again.part_learning_rate(part) for part in again.method} == {again.learning_rate} == {2e-4}
+
+
+@pytest.mark.slow  # one training run and a reload
+def test_training_script_runs_a_combination_end_to_end(tmp_path, task_files):
+    args = base_args(tmp_path, task_files, method="lora+loreft", rank=2, max_train_examples=8, max_eval_examples=6)
+    code, out, err = run_script("sentiment", args + ["--loreft.positions", "l1", "--loreft.layers", "1"])
+    assert code == 0, err
+    parts = [MethodConfig("lora", rank=2), MethodConfig("loreft", rank=2, positions="l1", layers=[1], name="loreft")]
+    lora, loreft, head = 2 * 2 * 2 * (2 * 64), 2 * 64 * 2 + 2, 5 * 64 + 5  # tiny: 2 layers, d 64, q and v
+    assert f"sst / lora+loreft: trainable params: {lora + loreft + head:,}" in out
+    log = json.loads((tmp_path / "run" / "log.json").read_text())
+    assert log["config"]["method_name"] == "lora+loreft" and method_from_json(log["config"]["method"]) == parts
+    assert log["status"] == "finished" and (tmp_path / "predictions" / "lora+loreft-sst-dev-out.csv").is_file()
+    saved = json.loads((tmp_path / "run" / "best" / ADAPTER_CONFIG).read_text())
+    assert saved["methods"] == method_to_json(parts) and saved["parameters"] == lora + loreft + head
+    model = get_task("sst").build_model(GPT2Model.from_pretrained(str(task_files.model)), tokenizer_of(task_files))
+    load_adapter(model, tmp_path / "run" / "best")
+    assert applied_methods(model.gpt) == parts
