@@ -287,8 +287,8 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     """--method and one flag per method option, all from the registry (models/methods.py). Option flags default
     to None, so that what was not given takes the chosen method's default and what was given can be checked."""
     group = parser.add_argument_group("fine-tuning method")
-    group.add_argument("--method", default=MethodConfig().method, type=method_text, metavar="METHOD[+METHOD...]",
-                       help=f"{COMBINATION_HELP}; methods: {', '.join(method_names())}")
+    group.add_argument("--method", default=MethodConfig().method, type=method_text,
+                       metavar="{" + ",".join(method_names()) + "}[+...]", help=COMBINATION_HELP)
     for option in flag_options():
         help = f"{option.help} ({defaults_by_method(option.name)})"
         if option.switch is not None:
