@@ -1,6 +1,6 @@
-"""The README's tables of methods and method flags and its note on combinations, generated from the registry (models/methods.py), so that
-they cannot drift from the code: `python -m models.method_table` prints them, and a test checks the README
-holds exactly these."""
+"""The README's tables of methods and method flags and its note on combinations, generated from the registry
+(models/methods.py), so that they cannot drift from the code: `python -m models.method_table` prints them, and
+a test checks the README holds exactly these."""
 from __future__ import annotations
 
 import sys

@@ -319,8 +319,9 @@ def method_config_from_args(args: argparse.Namespace, parser: Optional[argparse.
                             ) -> MethodConfig | list[MethodConfig]:
     """The MethodConfig of add_method_arguments' flags, or for a combination (--method lora+loreft) the list of
     its parts' (models/registry.py). A flag applies to every part that takes it; --PART.FLAG (ScriptParser) sets
-    it for one part; each ReFT-family part takes the adapter name parse_combination gives it. A flag no part takes, a bad value or a combination that is not
-    allowed is a command-line error naming the flag (a ValueError without a parser)."""
+    it for one part; each ReFT-family part takes the adapter name parse_combination gives it. A flag no part
+    takes, a bad value or a combination that is not allowed is a command-line error naming the flag (a
+    ValueError without a parser)."""
     def fail(message: str):
         if parser is not None:
             parser.error(message)
@@ -357,7 +358,7 @@ def method_config_from_args(args: argparse.Namespace, parser: Optional[argparse.
             fail(f"{typed}: {option.flag} does not apply to method {named[i][0]!r}")
         options[i][option.name], given[i][option.name] = flag_value(option, raw, typed, fail), typed
     parts = []
-    for (method, name), label, chosen, flags in zip(named, labels, options, given):
+    for (method, name), chosen, flags in zip(named, options, given):
         if name is not None:
             chosen["name"] = name
         try:
