@@ -41,9 +41,9 @@ from tasks.cli import parse_args
 from tasks.distributed import Distributed
 from tasks.trainer import Trainer
 from tests.fixtures.models import random_model
-from tests.fixtures.peft import ADAPTING, fresh, perturb_trainable, right_padded
+from tests.fixtures.peft import ADAPTING, assert_padding_changes_nothing, fresh, perturb_trainable, right_padded
 from tests.fixtures.task_files import base_args, run_script, tokenizer_of
-from tests.test_peft import TinyClassifier, to_left_padding
+from tests.test_peft import TinyClassifier
 
 pytestmark = [pytest.mark.filterwarnings("ignore:GPT2Model. random weights"), pytest.mark.usefixtures("one_thread")]
 
@@ -165,16 +165,7 @@ def test_a_combination_starts_as_the_identity_and_one_step_moves_every_part(name
 @pytest.mark.parametrize("name", list(COMBINED))
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_padded_batch_gives_each_example_its_own_outputs(name, side):
-    model = fresh(COMBINED[name])
-    perturb_trainable(model, scale=0.2)
-    ids, mask = right_padded([9, 1, 4, 6])
-    if side == "left":
-        ids, mask = to_left_padding(ids, mask)
-    with torch.no_grad():
-        batch = model(ids, mask)
-        for row in range(ids.shape[0]):
-            alone = model(ids[row, mask[row].bool()][None])
-            torch.testing.assert_close(batch["last_token"][row], alone["last_token"][0], atol=1e-5, rtol=0)
+    assert_padding_changes_nothing(fresh(COMBINED[name]), side)
 
 
 @pytest.mark.parametrize("name", list(COMBINED))
@@ -192,6 +183,20 @@ def test_one_adapter_directory_reloads_a_combination_exactly(tmp_path, name):
     # Every part trains again, so a reloaded combination can go on training as it was.
     assert [n for n, p in reloaded.named_parameters() if p.requires_grad] == \
         [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def test_a_combination_in_bf16_keeps_its_parts_in_fp32():
+    fp32 = fresh(COMBINED["lora+loreft"])
+    perturb_trainable(fp32, scale=0.2)
+    bf16 = copy.deepcopy(fp32).set_precision("bf16")
+    assert all(p.dtype == torch.float32 for _, params in trainable_by_method(bf16) for p in params)
+    assert bf16.h[0].layer.layer.attn.c_attn.weight.dtype == torch.bfloat16
+    ids, mask = right_padded([7, 4])
+    out = bf16(ids, mask)["last_token"]
+    out.sum().backward()
+    assert all(p.grad is not None for _, params in trainable_by_method(bf16) for p in params)
+    with torch.no_grad():
+        torch.testing.assert_close(out, fp32(ids, mask)["last_token"], atol=0.1, rtol=0.05)
 
 
 @pytest.mark.slow  # 24 generated tokens with and without the cache

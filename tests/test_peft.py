@@ -28,15 +28,7 @@ from models.peft import (
 from modules.lora import LoRAGPT2Layer, LoRALinear
 from modules.reft import ReFTGPT2Layer
 from tests.fixtures.models import random_model
-from tests.fixtures.peft import ADAPTING, fresh, perturb_trainable, right_padded
-
-
-def to_left_padding(ids, mask):
-    left_ids, left_mask = torch.zeros_like(ids), torch.zeros_like(mask)
-    for row in range(ids.shape[0]):
-        n = int(mask[row].sum())
-        left_ids[row, ids.shape[1] - n:], left_mask[row, ids.shape[1] - n:] = ids[row, :n], 1
-    return left_ids, left_mask
+from tests.fixtures.peft import ADAPTING, assert_padding_changes_nothing, fresh, perturb_trainable, right_padded
 
 
 # ----------------------------------------------------------------------------- structure and counts
@@ -133,18 +125,7 @@ def test_one_step_changes_only_trainable_tensors(name):
                                   "lobireft", "lora"])
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_padded_batch_gives_each_example_its_own_outputs(name, side):
-    model = fresh(ADAPTING[name])
-    perturb_trainable(model, scale=0.2)
-    ids, mask = right_padded([9, 1, 4, 6])
-    if side == "left":
-        ids, mask = to_left_padding(ids, mask)
-    with torch.no_grad():
-        batch = model(ids, mask)
-        for row in range(ids.shape[0]):
-            real = mask[row].bool()
-            alone = model(ids[row, real][None])
-            torch.testing.assert_close(batch["last_hidden_state"][row, real], alone["last_hidden_state"][0], atol=1e-5, rtol=0)
-            torch.testing.assert_close(batch["last_token"][row], alone["last_token"][0], atol=1e-5, rtol=0)
+    assert_padding_changes_nothing(fresh(ADAPTING[name]), side)
 
 
 # ----------------------------------------------------------------------------- adapter files
