@@ -5,7 +5,11 @@ A method is one `Method` entry: its name, the options it takes with their defaul
 how it is applied to a GPT2Model and whether several can share a model. An option is one `Option` entry: its
 command-line flag, help, parser and check. Everything else derives from these two tables: MethodConfig's
 validation, the command-line flags (tasks/cli.py), compare.py's flag routing, the adapter files
-(models/peft.py) and the README's method table (`python -m models.methods`).
+(models/peft.py) and the README's method table (`python -m models.method_table`).
+
+A combination of methods in one model (`--method lora+loreft`) is a list of MethodConfigs, one per part; the
+functions under "combinations" below read and write it, models/peft.py's check_combination says which
+families may share a model.
 """
 from __future__ import annotations
 
