@@ -9,7 +9,7 @@ import torch
 
 from models.config import GPT2Config
 from models.gpt2 import GPT2Model
-from models.methods import OPTIONS, MethodConfig, flag_options, parse_methods, registered_methods
+from models.methods import EXAMPLE_COMBINATION, OPTIONS, MethodConfig, flag_options, parse_methods, registered_methods
 from models.peft import AT_MOST_ONE, apply_method
 
 
@@ -38,21 +38,18 @@ def method_table() -> str:
     return "\n".join(lines)
 
 
-COMBINATION_EXAMPLE = "lora+loreft"
-
-
 def combination_note() -> str:
     """The README's paragraph on combinations: who may combine (from the methods' families) and how the counts
     add up, on an example."""
     def members(family: str) -> str:
         return ", ".join(f"`{m.name}`" for m in registered_methods() if m.family == family) or "none yet"
 
-    parts = COMBINATION_EXAMPLE.split("+")
+    parts = EXAMPLE_COMBINATION.split("+")
     sums = " + ".join(f"{gpt2_trainable_count(part):,} ({part})" for part in parts)
     return (f"Methods combine in one model with `+`: at most one {AT_MOST_ONE['weights']} ({members('weights')}), any "
             f"number of ReFT-family adapters ({members('reft')}) and at most one {AT_MOST_ONE['prompt']} "
             f"({members('prompt')}); {members('base')} and {members('head')} stand alone. Counts add up: "
-            f"`{COMBINATION_EXAMPLE}` trains {sums} = {gpt2_trainable_count(COMBINATION_EXAMPLE):,} on gpt2.")
+            f"`{EXAMPLE_COMBINATION}` trains {sums} = {gpt2_trainable_count(EXAMPLE_COMBINATION):,} on gpt2.")
 
 
 def option_table() -> str:

@@ -44,7 +44,7 @@ from models.registry import (
 from modules.lora import LORA_TARGETS, LoRAGPT2Layer
 from modules.reft import ACTIVATIONS, COMPONENTS, POSITIONS_RULE, PositionedIntervention, ReFTGPT2Layer, parse_positions
 
-__all__ = ["MethodConfig", "Method", "Option", "OptionError", "OPTIONS", "combination_name", "define_option",
+__all__ = ["EXAMPLE_COMBINATION", "MethodConfig", "Method", "Option", "OptionError", "OPTIONS", "combination_name", "define_option",
            "describe_default", "flag_options", "get_method", "method_from_json", "method_names", "method_parts",
            "method_to_json", "parse_combination", "parse_methods", "register_method", "registered_methods"]
 
@@ -197,3 +197,6 @@ for _method in (
            stacks=True, family="reft"),
 ):
     register_method(_method)
+
+# What help texts and the README show as a combination (tasks/ and models/peft.py name no method themselves).
+EXAMPLE_COMBINATION = "lora+loreft"

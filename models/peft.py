@@ -96,11 +96,13 @@ def check_combination(parts: Sequence[MethodConfig]) -> None:
         members = [part.method for part in parts if part.spec.family == family]
         if len(members) > 1:
             raise ValueError(f"{text}: at most one {words} per model, got {' and '.join(members)}")
-    names = [part.name for part in parts if part.spec.stacks]
-    repeated = sorted({name for name in names if names.count(name) > 1})
-    if repeated:
-        raise ValueError(f"{text}: two ReFT-family parts are both named {repeated[0]!r}; give each its own name "
-                         "(on the command line loreft:early+loreft:late, in Python MethodConfig('loreft', name='late'))")
+    stacking = [part for part in parts if part.spec.stacks]
+    names = [part.name for part in stacking]
+    twice = next((part for part in stacking if names.count(part.name) > 1), None)
+    if twice is not None:
+        m = twice.method
+        raise ValueError(f"{text}: two ReFT-family parts are both named {twice.name!r}; give each its own name (on the "
+                         f"command line {m}:early+{m}:late, in Python MethodConfig({m!r}, name='late'))")
 
 
 def check_can_apply(gpt: GPT2Model, parts: list[MethodConfig]) -> None:

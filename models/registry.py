@@ -247,7 +247,7 @@ def parse_combination(text: str) -> list[tuple[str, Optional[str]]]:
     for item in items:
         method, named, name = item.strip().partition(NAMED)
         if not method:
-            raise ValueError(f"{text!r}: an empty part; join method names with {JOIN!r}, e.g. lora+loreft")
+            raise ValueError(f"{text!r}: an empty part; join method names with {JOIN!r}")
         stacks = "name" in get_method(method).options
         if named:
             if not stacks:

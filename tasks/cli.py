@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 from data.course import COURSE_MODES, MODE_FAMILIES
 from models.gpt2 import PRECISION_CHOICES, PRECISION_HELP
 from models.methods import (
+    EXAMPLE_COMBINATION,
     MethodConfig,
     OPTIONS,
     Option,
@@ -228,12 +229,18 @@ def course_dest(flag: str) -> str:
     return "course_" + flag.lstrip("-")
 
 
-PART_FLAG = re.compile(r"--([A-Za-z0-9_-]+)\.([a-z][a-z0-9-]*)(?:=(.*))?", re.DOTALL)  # --loreft.rank[=1]
-COMBINATION_HELP = ("what to train: one method, or a combination joined with '+' (lora+loreft, bitfit+loreft+noreft): "
-                    "at most one weight-space method, any number of ReFT-family adapters, at most one soft-prompt "
-                    "method; two parts of one method need names after ':' (loreft:early+loreft:late). A method flag "
-                    "applies to every part that takes it; --PART.FLAG VALUE (--loreft.rank 1, --late.positions l1) "
-                    "sets it for one part, PART being its method or its name")
+PART_FLAG = re.compile(r"--([A-Za-z0-9_-]+)\.([a-z][a-z0-9-]*)(?:=(.*))?", re.DOTALL)  # --PART.FLAG[=VALUE]
+
+
+def combination_help() -> str:
+    """--method's help, its examples from the registry's example combination."""
+    example = EXAMPLE_COMBINATION
+    part = example.split("+")[-1]
+    return (f"what to train: one method, or a combination joined with '+' (e.g. {example}): at most one weight-space "
+            "method, any number of ReFT-family adapters, at most one soft-prompt method; two parts of one method need "
+            f"names after ':' ({part}:early+{part}:late). A method flag applies to every part that takes it; "
+            f"--PART.FLAG VALUE (--{part}.rank 1, --late.positions l1) sets it for one part, PART being its method "
+            "or its name")
 
 
 class ScriptParser(argparse.ArgumentParser):
@@ -279,7 +286,7 @@ def method_text(text: str) -> str:
         parse_combination(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(f"invalid choice: {error} (a combination joins methods with '+', e.g. "
-                                         "lora+loreft)") from None
+                                         f"{EXAMPLE_COMBINATION})") from None
     return text
 
 
@@ -288,7 +295,7 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     to None, so that what was not given takes the chosen method's default and what was given can be checked."""
     group = parser.add_argument_group("fine-tuning method")
     group.add_argument("--method", default=MethodConfig().method, type=method_text,
-                       metavar="{" + ",".join(method_names()) + "}[+...]", help=COMBINATION_HELP)
+                       metavar="{" + ",".join(method_names()) + "}[+...]", help=combination_help())
     for option in flag_options():
         help = f"{option.help} ({defaults_by_method(option.name)})"
         if option.switch is not None:
