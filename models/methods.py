@@ -145,8 +145,13 @@ def reft_applier(orthogonal: bool, subtract_projection: bool, linear_source: boo
     """The ReFT family differs only in three flags of the one intervention class (modules/reft.py)."""
     def add_interventions(gpt, config, layers) -> None:
         for index in layers:
-            if not isinstance(gpt.h[index], ReFTGPT2Layer):
-                gpt.h[index] = ReFTGPT2Layer(gpt.h[index])
+            layer = gpt.h[index]
+            if not isinstance(layer, ReFTGPT2Layer):
+                if not all(callable(getattr(layer, name, None)) for name in ("attention_block", "ffn_block")):
+                    # A combination's weight-space wrapper must expose the sublayers ReFT intervenes between.
+                    raise TypeError(f"{config.method} cannot wrap layer {index}: {type(layer).__name__} has no "
+                                    "attention_block / ffn_block")
+                gpt.h[index] = ReFTGPT2Layer(layer)
             for component in config.components:
                 gpt.h[index].add(component, config.name, PositionedIntervention(
                     gpt.config.n_embd, config.rank, config.positions, config.tie_positions,

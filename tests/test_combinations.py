@@ -116,6 +116,26 @@ def test_at_most_one_soft_prompt_method(two_prompt_methods):
     assert [m.method for m in applied_methods(model)] == ["lora", "soft-a", "loreft"] and model.test_prompt.requires_grad
 
 
+def test_a_layer_wrapper_without_sublayers_is_named_when_reft_would_wrap_it(monkeypatch):
+    """ReFT intervenes between a layer's attention and FFN sublayers, so a weight-space method's layer wrapper
+    must expose them (attention_block, ffn_block, as LoRA's does)."""
+    class Opaque(nn.Module):
+        def __init__(self, layer):
+            super().__init__()
+            self.layer, self.gain = layer, nn.Parameter(torch.ones(()))
+
+        def forward(self, x, ctx):
+            return self.layer(x, ctx) * self.gain
+
+    def wrap(gpt, config, layers):
+        for index in layers:
+            gpt.h[index] = Opaque(gpt.h[index])
+
+    monkeypatch.setitem(registry.METHODS, "opaque", registry.Method("opaque", "a gain", wrap, {"layers": None}))
+    with pytest.raises(TypeError, match="loreft cannot wrap layer 0: Opaque has no attention_block / ffn_block"):
+        apply_method(random_model("tiny"), [MethodConfig("opaque"), MethodConfig("loreft")])
+
+
 def test_a_weight_space_method_cannot_come_after_an_adapter():
     model = fresh(MethodConfig("loreft"))
     with pytest.raises(ValueError, match=r"already has loreft applied; a weight-space method \(lora\) must come first"):
