@@ -447,11 +447,12 @@ def skeleton_parameters(model: nn.Module, gpt: GPT2Model, methods: list[MethodCo
     with torch.device("meta"):
         skeleton = GPT2Model(gpt.config)
     prefix = gpt_prefix(model, gpt)
-    parts = set()
+    trained = set()  # by identity: a later part's wrapper renames what an earlier one added (h.0.lora -> h.0.layer.lora)
     for method in methods:
         apply_method(skeleton, method)
         if wanted is not None and method in wanted:
-            parts |= {prefix + name for name, p in skeleton.named_parameters() if p.requires_grad}
+            trained |= {id(p) for p in skeleton.parameters() if p.requires_grad}
+    parts = {prefix + name for name, p in skeleton.named_parameters() if id(p) in trained}
     shapes = {name: p.shape for name, p in model.named_parameters() if not name.startswith(prefix)} if prefix else {}
     shapes.update({prefix + name: p.shape for name, p in skeleton.named_parameters()})
     return shapes, parts

@@ -196,13 +196,14 @@ def test_one_adapter_directory_reloads_a_combination_exactly(tmp_path, name):
     saved = json.loads((directory / ADAPTER_CONFIG).read_text())
     assert saved["methods"] == method_to_json(applied_methods(model.gpt))
     assert saved["parameters"] == parameter_summary(model)["trainable"]
-    reloaded = load_adapter(TinyClassifier(fresh()), directory)  # the file's perturbed head and parts win
     ids, mask = right_padded([7, 2, 5])
-    with torch.no_grad():
-        assert torch.equal(reloaded(ids, mask), model(ids, mask))
-    # Every part trains again, so a reloaded combination can go on training as it was.
-    assert [n for n, p in reloaded.named_parameters() if p.requires_grad] == \
-        [n for n, p in model.named_parameters() if p.requires_grad]
+    for trainable in (False, True):
+        reloaded = load_adapter(TinyClassifier(fresh()), directory, trainable=trainable)  # the file's tensors win
+        with torch.no_grad():
+            assert torch.equal(reloaded(ids, mask), model(ids, mask))
+        # Every part (and the head) is frozen, or with trainable=True trains as it did.
+        assert [n for n, p in reloaded.named_parameters() if p.requires_grad] == \
+            ([n for n, p in model.named_parameters() if p.requires_grad] if trainable else [])
 
 
 def test_a_combination_in_bf16_keeps_its_parts_in_fp32():

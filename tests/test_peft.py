@@ -406,10 +406,10 @@ def test_adapter_config_errors_are_one_clear_error_naming_the_config(tmp_path, e
 
 def test_every_adapter_load_error_names_the_adapter_directory(tmp_path):
     directory = save_adapter(TinyClassifier(fresh(ADAPTING["loreft"])), tmp_path / "loreft")
-    with_lora = TinyClassifier(fresh(ADAPTING["lora"]))
-    with pytest.raises(ValueError, match=f"^{directory}: this model already has lora applied"):
-        load_adapter(with_lora, directory)
     lora = save_adapter(TinyClassifier(fresh(ADAPTING["lora"])), tmp_path / "lora")
+    with_bitfit = TinyClassifier(fresh(ADAPTING["bitfit"]))  # lora cannot join it: one weight-space method
+    with pytest.raises(ValueError, match=f"^{lora}: this model already has bitfit applied"):
+        load_adapter(with_bitfit, lora)
     with pytest.raises(ValueError, match=f"^{lora}: only a single stacking"):
         load_adapter(TinyClassifier(fresh()), lora, name="other")
     both = TinyClassifier(fresh())
