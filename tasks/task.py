@@ -59,13 +59,13 @@ class Task(ABC):
     metric: str  # the dev metric that picks the best checkpoint (higher is better)
     no_head: Optional[str] = None  # why the task has no trainable head of its own; None: it has one
 
-    def check_method(self, method: MethodConfig) -> None:
-        """Raises ValueError when the method cannot train anything on this task: one that trains only a task's
-        head, on a task without one."""
+    def check_method(self, method: MethodConfig | list[MethodConfig]) -> None:
+        """Raises ValueError when the method (or combination) cannot train anything on this task: one that trains
+        only a task's head, on a task without one."""
         if self.no_head is not None and not any(part.spec.adapts_gpt2 for part in method_parts(method)):
             adapting = ", ".join(m.name for m in registered_methods() if m.adapts_gpt2)
-            raise ValueError(f"--method {combination_name(method)} trains only a task head, and the {self.name} task has none "
-                             f"({self.no_head}); choose one of {adapting}")
+            raise ValueError(f"--method {combination_name(method)} trains only a task head, and the {self.name} task "
+                             f"has none ({self.no_head}); choose one of {adapting}")
 
     @abstractmethod
     def load(self, config: TrainConfig, tokenizer, max_length: int) -> TaskData:

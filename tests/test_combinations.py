@@ -206,6 +206,24 @@ def test_one_adapter_directory_reloads_a_combination_exactly(tmp_path, name):
             ([n for n, p in model.named_parameters() if p.requires_grad] if trainable else [])
 
 
+def test_adapters_trained_separately_load_as_a_combination_and_save_as_one(tmp_path):
+    lora, loreft = fresh(ADAPTING["lora"]), fresh(MethodConfig("loreft", positions="l1"))
+    perturb_trainable(lora, seed=1, scale=0.2)
+    perturb_trainable(loreft, seed=2, scale=0.2)
+    save_adapter(lora, tmp_path / "lora")
+    save_adapter(loreft, tmp_path / "loreft")
+    both = load_adapter(load_adapter(fresh(), tmp_path / "lora"), tmp_path / "loreft")
+    assert combination_name(applied_methods(both)) == "lora+loreft"
+    ids, mask = right_padded([6, 3])
+    with torch.no_grad():
+        out, alone = both(ids, mask)["last_hidden_state"], lora(ids, mask)["last_hidden_state"]
+        assert (out - alone).abs().max() > 1e-3  # the ReFT adapter acts on top of LoRA
+        save_adapter(both, tmp_path / "both")
+        assert torch.equal(load_adapter(fresh(), tmp_path / "both")(ids, mask)["last_hidden_state"], out)
+    with pytest.raises(ValueError, match="a weight-space method \\(lora\\) must come first"):
+        load_adapter(load_adapter(fresh(), tmp_path / "loreft"), tmp_path / "lora")
+
+
 def test_a_combination_in_bf16_keeps_its_parts_in_fp32():
     fp32 = fresh(COMBINED["lora+loreft"])
     perturb_trainable(fp32, scale=0.2)
