@@ -130,6 +130,12 @@ class TrainConfig:
         """'lora', or 'lora+loreft' for a combination: how run directories, prediction files and logs name it."""
         return combination_name(self.method)
 
+    @property
+    def method_family(self) -> str:
+        """The method's registry family (models/registry.py); a combination's, which is never head-only or full
+        fine-tuning, is its first part's."""
+        return method_parts(self.method)[0].spec.family
+
     def part_learning_rate(self, part: MethodConfig) -> float:
         """The peak learning rate of one method, or of one part of a combination: --lr when given, else the
         method's own default. Each part trains at its own, as it would alone."""

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from data.atomic import atomic_save
 from models.gpt2 import GPT2Model, last_real_token
-from models.methods import MethodConfig, auto_layer_count
+from models.methods import MethodConfig, auto_layer_count, method_parts
 from models.tokenizer import pad_sequences
 from tasks.classification import ClassificationTask
 from tasks.task import Example, Task
@@ -148,14 +148,17 @@ def choose_layers(task: Task, gpt: GPT2Model, splits: dict, k: int, seed: int, d
     return LayerChoice(criterion, scores, sorted(ranked[:k]), counts)
 
 
-def resolve_auto_layers(task: Task, gpt: GPT2Model, splits: dict, method: MethodConfig, seed: int, device,
-                        batch_size: int) -> tuple[MethodConfig, Optional[LayerChoice]]:
-    """The method with `layers: auto:K` replaced by the chosen layers, and the choice (None for fixed layers)."""
-    k = auto_layer_count(method.layers)
-    if k is None:
-        return method, None
-    choice = choose_layers(task, gpt, splits, k, seed, device, batch_size)
-    return MethodConfig.from_dict({**method.to_dict(), "layers": choice.chosen}), choice
+def resolve_auto_layers(task: Task, gpt: GPT2Model, splits: dict, method: MethodConfig | list[MethodConfig],
+                        seed: int, device, batch_size: int) -> tuple[MethodConfig | list[MethodConfig], Optional[LayerChoice]]:
+    """The method (or each part of a combination) with `layers: auto:K` replaced by the chosen layers, and the
+    choice (None for fixed layers; parts asking for the same K share one choice, the first is returned)."""
+    parts, choices = [], {}
+    for part in method_parts(method):
+        k = auto_layer_count(part.layers)
+        if k is not None and k not in choices:
+            choices[k] = choose_layers(task, gpt, splits, k, seed, device, batch_size)
+        parts.append(part if k is None else MethodConfig.from_dict({**part.to_dict(), "layers": choices[k].chosen}))
+    return (parts[0] if len(parts) == 1 else parts), next(iter(choices.values()), None)
 
 
 def plot_layer_scores(path: Path, choice: LayerChoice, title: str) -> bool:

@@ -47,7 +47,7 @@ def predict_run(run: SavedRun, *, data_dir: Optional[str] = None, predictions_di
         if split == "dev":
             result["dev"] = task.metrics(examples, predictions)
     score = f"dev {task.describe(result['dev'])}" if result["dev"] else "no dev labels"
-    say(f"{task.name} / {config.method.method} ({run.run_dir}): {score}; predictions: "
+    say(f"{task.name} / {config.method_name} ({run.run_dir}): {score}; predictions: "
         + (", ".join(result["paths"].values()) or "none"))
     return result
 

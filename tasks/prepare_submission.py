@@ -23,7 +23,7 @@ def check_distinct(run_dirs: Sequence[Path]) -> None:
     owners: dict[Path, Path] = {}
     for run_dir in run_dirs:
         config = read_run_config(run_dir)
-        target = course_prediction_path(config.task, course_mode(config.method.spec.family), "dev")
+        target = course_prediction_path(config.task, course_mode(config.method_family), "dev")
         if target in owners:
             raise ValueError(f"{owners[target]} and {run_dir} would both write {target.name}; give one run per "
                              "task (and per fine-tune mode for sentiment)")

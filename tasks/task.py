@@ -115,7 +115,7 @@ class Task(ABC):
         if split in config.prediction_files:
             return Path(config.prediction_files[split])
         if config.course_names:
-            mode = course_mode(config.method.spec.family)
+            mode = course_mode(config.method_family)
             return course_prediction_path(self.name, mode, split, config.predictions_dir)
         return self.prediction_path(config, split)
 

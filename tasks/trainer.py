@@ -302,11 +302,12 @@ class Trainer:
 
     def report_layer_choice(self) -> None:
         choice = self.layer_choice
-        self.say(f"  --layers {self.config.method.layers}: layers {', '.join(map(str, choice.chosen))} by "
+        asked = f"auto:{len(choice.chosen)}"  # what --layers said (a combination's parts may each have said it)
+        self.say(f"  --layers {asked}: layers {', '.join(map(str, choice.chosen))} by "
                  f"{choice.criterion} ({', '.join(f'{score:.3g}' for score in choice.scores)} for layers 0..)")
         if self.dist.is_main:
             path = self.run_dir / "layer_scores.png"
-            title = f"{self.task.name}, {self.config.model}: layer scores for --layers {self.config.method.layers}"
+            title = f"{self.task.name}, {self.config.model}: layer scores for --layers {asked}"
             if plot_layer_scores(path, choice, title):
                 self.layer_plot = str(path)
 
@@ -465,7 +466,7 @@ class Trainer:
     def train_step(self, group: list[list[int]], train: list[Example]) -> float:
         """One optimizer step over `group` (grad_accum micro-batches of the global batch); returns its mean loss."""
         task, dist = self.task, self.dist
-        start, tokens_before, lr = time.perf_counter(), self.progress.tokens, self.scheduler.get_last_lr()[0]
+        start, tokens_before, lr = time.perf_counter(), self.progress.tokens, max(self.scheduler.get_last_lr())
         terms = sum(task.loss_terms(train[i]) for batch in group for i in batch)
         local_sum, local_terms = 0.0, 0
         for k, batch in enumerate(group):
@@ -622,7 +623,7 @@ class Trainer:
                               "inference_seconds_per_example": seconds_per_example})
         result = self.result(best_dir, paths, dev_metrics, seconds_per_example, peak_memory)
         if self.dist.is_main:
-            plot_run(self.run_dir, self.history, self.task.metric, f"{self.task.name} / {self.config.method.method}")
+            plot_run(self.run_dir, self.history, self.task.metric, f"{self.task.name} / {self.config.method_name}")
         self.report(result)
         return result
 
