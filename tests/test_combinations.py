@@ -38,6 +38,7 @@ from models.peft import (
 from modules.reft import PositionedIntervention
 from tasks import get_task
 from tasks.cli import parse_args
+from tasks.config import TrainConfig
 from tasks.distributed import Distributed
 from tasks.trainer import Trainer
 from tests.fixtures.models import random_model
@@ -262,6 +263,24 @@ def test_generation_cache_equals_no_cache_and_merging_folds_only_the_weight_part
     assert (merged - merged_without_reft).abs().max() > 1e-3  # the ReFT part still acts on the merged model
 
 
+def test_auto_layers_are_chosen_once_for_the_parts_that_ask(monkeypatch):
+    """--layers auto:K given once reaches every part; the parts asking for the same K share one choice."""
+    import tasks.layer_choice as layer_choice
+
+    calls = []
+
+    def choose(task, gpt, splits, k, seed, device, batch_size):
+        calls.append(k)
+        return layer_choice.LayerChoice("test", [0.0, 1.0], [1], {})
+
+    monkeypatch.setattr(layer_choice, "choose_layers", choose)
+    parts = [MethodConfig("lora", layers="auto:1"), MethodConfig("loreft", layers="auto:1", name="loreft"),
+             MethodConfig("noreft", layers=[0], name="noreft")]
+    resolved, choice = layer_choice.resolve_auto_layers(None, None, {}, parts, 0, "cpu", 8)
+    assert [part.layers for part in resolved] == [[1], [1], [0]] and calls == [1] and choice.chosen == [1]
+    assert resolved[1] == MethodConfig("loreft", layers=[1], name="loreft")
+
+
 # ----------------------------------------------------------------------------------------------- command line
 def test_command_line_gives_each_part_its_options():
     config = parse_args("sst", ["--method", "lora+loreft", "--rank", "4", "--loreft.rank", "1", "--loreft.positions=l1",
@@ -296,6 +315,13 @@ def test_command_line_errors_name_the_flag(capsys, argv, message):
     with pytest.raises(SystemExit) as exit:
         parse_args("sst", argv)
     assert exit.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_combination_writes_the_course_files_of_full_model_fine_tuning():
+    config = TrainConfig("sst", method=parse_methods("lora+loreft"), course_names=True)
+    assert config.method_family == "weights"
+    assert get_task("sst").output_path(config, "dev").name == "full-model-sst-dev-out.csv"
+    assert TrainConfig("sst", method=parse_methods("lora+loreft")).run_dir.name == "sst-lora+loreft"
 
 
 def test_each_part_trains_at_its_own_learning_rate(tmp_path, task_files, monkeypatch):
