@@ -40,10 +40,11 @@ from tasks import get_task
 from tasks.cli import parse_args
 from tasks.config import TrainConfig
 from tasks.distributed import Distributed
+from tasks.saved_run import load_run
 from tasks.trainer import Trainer
 from tests.fixtures.models import random_model
 from tests.fixtures.peft import ADAPTING, assert_padding_changes_nothing, fresh, perturb_trainable, right_padded
-from tests.fixtures.task_files import base_args, run_script, tokenizer_of
+from tests.fixtures.task_files import base_args, run_script
 from tests.test_peft import TinyClassifier
 
 pytestmark = [pytest.mark.filterwarnings("ignore:GPT2Model. random weights"), pytest.mark.usefixtures("one_thread")]
@@ -352,6 +353,5 @@ def test_training_script_runs_a_combination_end_to_end(tmp_path, task_files):
     assert log["status"] == "finished" and (tmp_path / "predictions" / "lora+loreft-sst-dev-out.csv").is_file()
     saved = json.loads((tmp_path / "run" / "best" / ADAPTER_CONFIG).read_text())
     assert saved["methods"] == method_to_json(parts) and saved["parameters"] == lora + loreft + head
-    model = get_task("sst").build_model(GPT2Model.from_pretrained(str(task_files.model)), tokenizer_of(task_files))
-    load_adapter(model, tmp_path / "run" / "best")
-    assert applied_methods(model.gpt) == parts
+    model = load_run(tmp_path / "run")  # the run's base, method and head, from its directory
+    assert applied_methods(model.gpt) == parts and not any(p.requires_grad for p in model.parameters())
