@@ -244,7 +244,7 @@ def resume_conflict(out: Path, runs: list[Run]) -> Optional[str]:
     """Why --resume cannot continue the comparison in `out` with these runs (None when it can): a run of the
     earlier comparison that this command leaves out, or a finished or interrupted run whose settings changed.
     A failed run has nothing to keep: it may change, and runs again."""
-    fix = f"give the earlier settings to continue it, or another --output-dir (or --overwrite to replace it)"
+    fix = "give the earlier settings to continue it, or another --output-dir (or --overwrite to replace it)"
     previous = previous_entries(out)
     keys = {r.key for r in runs}
     left_out = [key for key in previous if key not in keys]

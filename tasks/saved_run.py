@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from models.gpt2 import GPT2Model, resolve_device, resolve_precision
-from models.peft import ADAPTER_CONFIG, apply_method, load_adapter, read_adapter_config
+from models.peft import ADAPTER_CONFIG, apply_method, check_adapter_config, load_adapter, read_adapter_config
 from models.tokenizer import GPT2Tokenizer, tokenizer_source
 import tasks
 from tasks.config import TrainConfig
@@ -62,7 +62,9 @@ def open_run(run_dir: str | Path, *, device: str = "cpu", precision: Optional[st
     if not (best / ADAPTER_CONFIG).is_file():
         raise FileNotFoundError(f"{best}: no saved model; the run in {run_dir} stopped before its first evaluation "
                                 "(continue it with --resume)")
-    read_adapter_config(best)  # a damaged adapter is reported before the base model loads
+    # The adapter's own record of its methods, not the run's flags: they hold what `--layers auto:K` resolved to.
+    # A damaged adapter is reported here, before the base model loads.
+    methods = check_adapter_config(read_adapter_config(best), best)
     task = tasks.get_task(config.task)
     base = model or config.model
     device = resolve_device(device)
@@ -73,7 +75,7 @@ def open_run(run_dir: str | Path, *, device: str = "cpu", precision: Optional[st
         gpt = GPT2Model.from_pretrained(base, device=device)
     if config.dropout is not None:
         gpt.set_dropout(config.dropout)
-    apply_method(gpt, config.method)
+    apply_method(gpt, methods)
     task_model = task.build_model(gpt, tokenizer).to(device)
     # Trainable as in training while the precision is applied (what trains stays fp32), then frozen unless asked.
     load_adapter(task_model, best, trainable=True, allow_other_base=allow_other_base)

@@ -19,7 +19,7 @@ from tasks import get_task
 from tasks import feature_cache
 from tasks.checkpoint import checkpoint_path
 from tasks.classification import LastTokenClassifier
-from tasks.feature_cache import FrozenCache, TensorStore, attach, parse_size
+from tasks.feature_cache import TensorStore, attach, parse_size
 from tests.fixtures.models import random_model
 from tests.fixtures.task_files import base_args, run_script
 from tests.test_trainer import config_for, interrupt_at_step, trained_tensors, without_timings

@@ -13,10 +13,11 @@ from torch import nn
 from models.config import GPT2Config
 from models.gpt2 import GPT2Model
 from models.methods import MethodConfig
-from models.peft import apply_method
+from models.peft import applied_methods, apply_method
 from tasks import get_task
 from tasks.cli import parse_args
 from tasks.layer_choice import choose_layers
+from tasks.saved_run import load_run
 from tasks.task import Example
 from tasks.trainer import run_training
 from tests.fixtures.task_files import base_args, run_script
@@ -113,6 +114,8 @@ def test_auto_layers_go_through_training_into_the_log_and_the_adapter(tmp_path, 
     assert log["config"]["method"]["layers"] == "auto:1"  # the request; the adapter holds what was chosen
     adapter = json.loads((tmp_path / "run" / "best" / "adapter_config.json").read_text())
     assert [m["layers"] for m in adapter["methods"]] == [choice["chosen"]]
+    reloaded = load_run(tmp_path / "run")  # rebuilt on the chosen layers, not on the unresolved request
+    assert [m.layers for m in applied_methods(reloaded.gpt)] == [choice["chosen"]]
 
 
 def test_auto_layer_errors(tmp_path, task_files):
