@@ -1,4 +1,4 @@
-"""GPT-2 configuration: one dataclass, the four OpenAI sizes and a tiny one for tests and smoke runs."""
+"""GPT-2 configuration: one dataclass, the four OpenAI sizes, a tiny one for tests and smoke runs, and the small one pretrained here."""
 from __future__ import annotations
 
 import dataclasses
@@ -124,4 +124,7 @@ PRESETS = {
     "gpt2-xl": GPT2Config(n_embd=1600, n_layer=48, n_head=25),
     # Real vocabulary (so the real tokenizer works with it), toy width and depth.
     "tiny": GPT2Config(n_embd=64, n_layer=2, n_head=4),
+    # What `python -m tasks.pretrain` trains from scratch on the course's texts (README: "A small GPT-2 pretrained
+    # here"): the real vocabulary, whose embedding is most of its 7.3M parameters, and a 256-token context.
+    "small": GPT2Config(n_embd=128, n_layer=4, n_head=4, n_positions=256),
 }

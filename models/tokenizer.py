@@ -15,6 +15,7 @@ from typing import Iterable, Optional, Sequence, Union
 import regex
 import torch
 
+from data.atomic import atomic_write
 from models import hub
 
 EOS_TOKEN = "<|endoftext|>"
@@ -132,6 +133,16 @@ class GPT2Tokenizer:
 
     def __repr__(self) -> str:
         return f"GPT2Tokenizer(vocab_size={self.vocab_size}, merges={len(self._ranks)})"
+
+    def save_pretrained(self, directory: Union[str, Path]) -> Path:
+        """Writes vocab.json and merges.txt (atomically) into `directory`, so that a checkpoint saved beside them
+        carries its tokenizer and `from_pretrained(directory)` reads the same tokenizer back."""
+        directory = Path(directory)
+        with atomic_write(directory / "vocab.json") as handle:
+            json.dump(self._encoder, handle, ensure_ascii=False)
+        with atomic_write(directory / "merges.txt") as handle:
+            handle.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in sorted(self._ranks, key=self._ranks.get)))
+        return directory
 
     # ---- single texts -----------------------------------------------------------------------------
 
