@@ -354,9 +354,11 @@ class Pretrainer:
 
     def evaluate_and_log(self) -> dict:
         progress = self.progress
-        train_loss = progress.loss_sum / max(progress.loss_steps, 1)
+        # The running training loss (dropout on) since the last evaluation; none before the first step.
+        train_loss = progress.loss_sum / progress.loss_steps if progress.loss_steps else None
         held, train_eval = self.evaluate("held_out"), self.evaluate("train")
-        entry = {"step": progress.step, "train_loss": train_loss, "train_ppl": math.exp(min(train_loss, 50)),
+        entry = {"step": progress.step, "train_loss": train_loss,
+                 "train_ppl": math.exp(min(train_loss, 50)) if train_loss is not None else None,
                  "train_eval_loss": train_eval, "train_eval_ppl": math.exp(min(train_eval, 50)),
                  "held_out_loss": held, "held_out_ppl": math.exp(min(held, 50)), "lr": self.scheduler.get_last_lr()[0],
                  "tokens": progress.tokens, "train_seconds": progress.seconds,
@@ -366,7 +368,8 @@ class Pretrainer:
             self.save_best()
         self.history.append(entry)
         progress.loss_sum, progress.loss_steps = 0.0, 0
-        self.say(f"step {progress.step}/{self.config.steps}: train ppl {entry['train_ppl']:.1f} (running), "
+        running = f"{entry['train_ppl']:.1f} (running), " if train_loss is not None else ""
+        self.say(f"step {progress.step}/{self.config.steps}: train ppl {running}"
                  f"{entry['train_eval_ppl']:.1f} (eval), held-out ppl {entry['held_out_ppl']:.1f} "
                  f"({entry['tokens_per_second']:.0f} tokens/s)")
         return entry
@@ -374,6 +377,8 @@ class Pretrainer:
     def train(self) -> None:
         config, progress = self.config, self.progress
         save_every = config.save_every_steps or config.eval_every_steps
+        if not self.history:  # the untrained model's perplexities: what the training is measured against
+            self.evaluate_and_log()
         with tqdm(total=config.steps, initial=progress.step, desc="pretrain", leave=False, dynamic_ncols=True,
                   disable=None) as bar:
             while progress.step < config.steps:
