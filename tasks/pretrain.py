@@ -1,7 +1,7 @@
 """Pretrains a GPT-2 from scratch as a causal language model on plain text, for offline runs that need a model
 whose hidden states mean something (no pretrained weights can be downloaded here).
 
-    python -m tasks.pretrain --tokenizer ../shared/gpt2-tokenizer --data-dir ../shared/data --steps 1500
+    python -m tasks.pretrain --tokenizer ../shared/gpt2-tokenizer --data-dir ../shared/data --steps 800
     python train_sentiment.py --model runs/pretrain-small/best ...          # then use it like any checkpoint
 
 By default the texts are the course's training texts in --data-dir (SST and CFIMDB sentences, Quora questions,
@@ -59,7 +59,7 @@ class PretrainConfig:
     tokenizer: Optional[str] = None  # None: the hub's gpt2 (offline: ../shared/gpt2-tokenizer)
     output_dir: Optional[str] = None  # None: runs/pretrain-<preset>
     held_out: float = 0.05  # share of the documents held out for perplexity
-    steps: int = 1500
+    steps: int = 800  # the budget: README "A small GPT-2 pretrained here" sizes it
     batch_size: int = 16  # blocks per micro-batch
     grad_accum: int = 1
     lr: float = 2e-3
@@ -370,8 +370,8 @@ class Pretrainer:
         progress.loss_sum, progress.loss_steps = 0.0, 0
         running = f"{entry['train_ppl']:.1f} (running), " if train_loss is not None else ""
         self.say(f"step {progress.step}/{self.config.steps}: train ppl {running}"
-                 f"{entry['train_eval_ppl']:.1f} (eval), held-out ppl {entry['held_out_ppl']:.1f} "
-                 f"({entry['tokens_per_second']:.0f} tokens/s)")
+                 f"{entry['train_eval_ppl']:.1f} (eval), held-out ppl {entry['held_out_ppl']:.1f}"
+                 + (f" ({entry['tokens_per_second']:.0f} tokens/s)" if progress.tokens else ""))
         return entry
 
     def train(self) -> None:

@@ -1,0 +1,300 @@
+"""What pretraining buys: the small GPT-2 pretrained here against random weights of the same shape.
+
+    python bench/pretrain_compare.py --tokenizer ../shared/gpt2-tokenizer --data-dir ../shared/data
+
+1. Pretrains the small model once (`python -m tasks.pretrain`; finished runs are reused, interrupted ones resumed).
+2. Runs compare.py on SST, CFIMDB and Quora (a small budget) with last-linear-layer, full, LoRA and LoReFT, on
+   the pretrained model and on `random:<preset>`, for each seed.
+3. The memorisation test of the ReFT paper, scaled down: a rank-1 LoReFT at the last prompt token (a one-token
+   prompt, <|endoftext|>) of one layer learns to make the model continue with a fixed text (the held-out dev
+   sonnets, which pretraining never reads); how many of its first L tokens greedy decoding then recovers, for
+   each layer and L from 8 up to the context, on both models.
+
+Writes <out>/RESULTS.md (tables, the machine, the times), <out>/results.json (every number) and the plots
+<out>/compare.png and <out>/memorisation.png. Runs go to --work-dir; rerunning continues where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the project: compare.py, models/, tasks/
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import compare  # noqa: E402
+from bench.common import machine_description  # noqa: E402
+from data.atomic import atomic_save, atomic_write  # noqa: E402
+from data.readers import default_paths, read_sonnets  # noqa: E402
+from models.config import GPT2Config  # noqa: E402
+from models.generation import SamplingConfig, generate  # noqa: E402
+from models.gpt2 import GPT2Model  # noqa: E402
+from models.loading import read_config  # noqa: E402
+from models.peft import MethodConfig, apply_method  # noqa: E402
+from models.tokenizer import GPT2Tokenizer  # noqa: E402
+from modules.optimizer import AdamW  # noqa: E402
+from tasks import pretrain as pretraining  # noqa: E402
+
+METHODS = ("last-linear-layer", "full", "lora", "loreft")
+TASKS = ("sst", "cfimdb", "quora")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--tokenizer", default="../shared/gpt2-tokenizer")
+    parser.add_argument("--data-dir", default="../shared/data")
+    parser.add_argument("--work-dir", default="runs/pretrain-bench", help="the pretraining and compare runs")
+    parser.add_argument("--out", default="bench/pretrain", help="where RESULTS.md, results.json and the plots go")
+    parser.add_argument("--pretrain-flags", default="--steps 800 --precision fp32",
+                        help="flags for python -m tasks.pretrain (its --preset is also the random baseline's shape)")
+    parser.add_argument("--seeds", default="11711,11712,11713", help="comma-separated: one compare run each")
+    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--compare-flags", default="--epochs 3", help="training flags for every compare.py run")
+    parser.add_argument("--quora-flags", default="--max-train-examples 4000 --max-eval-examples 1000",
+                        help="extra compare.py flags for Quora (its training set is large)")
+    parser.add_argument("--lengths", default="8,16,32,64,128,256",
+                        help="memorisation: text lengths in tokens (capped at the context minus the prompt)")
+    parser.add_argument("--layers", default=None, help="memorisation: comma-separated layers (default: every layer)")
+    parser.add_argument("--memorise-steps", type=int, default=1000, help="memorisation: most optimizer steps per case")
+    parser.add_argument("--memorise-lr", type=float, default=2e-2)
+    parser.add_argument("--skip", default="", help="comma-separated phases to skip: compare, memorise")
+    return parser.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------- 1. pretraining
+def pretrain_once(args, work: Path) -> tuple[Path, dict, str]:
+    """The pretrained model's directory, its pretraining log, and the random baseline of the same shape."""
+    flags = shlex.split(args.pretrain_flags)
+    config = pretraining.parse_args(flags + ["--tokenizer", args.tokenizer, "--data-dir", args.data_dir,
+                                             "--output-dir", str(work / "pretrain")])
+    log_path = config.run_dir / "log.json"
+    log = json.loads(log_path.read_text()) if log_path.is_file() else {}
+    if log.get("status") != "finished":
+        resume = ckpt_exists(config.run_dir)
+        config = pretraining.PretrainConfig(**{**vars(config), "resume": resume, "overwrite": not resume})
+        pretraining.pretrain(config)
+        log = json.loads(log_path.read_text())
+    model_dir = config.run_dir / "best"
+    shape, preset = read_config(model_dir / "config.json"), GPT2Config.preset(config.preset)
+    if (shape.n_embd, shape.n_layer, shape.n_head, shape.n_positions, shape.vocab_size) != \
+            (preset.n_embd, preset.n_layer, preset.n_head, preset.n_positions, preset.vocab_size):
+        raise SystemExit(f"{model_dir}: its shape differs from --preset {config.preset}'s, so random:{config.preset} "
+                         "would not be the same shape; pretrain without shape flags")
+    return model_dir, log, f"random:{config.preset}"
+
+
+def ckpt_exists(run_dir: Path) -> bool:
+    return (run_dir / "last" / "checkpoint.pt").is_file()
+
+
+# ----------------------------------------------------------------------------------------------- 2. compare
+def run_comparisons(args, work: Path, models: dict[str, str]) -> list[dict]:
+    rows = []
+    for task in args.tasks.split(","):
+        for kind, model in models.items():
+            for seed in args.seeds.split(","):
+                out = work / "compare" / kind / task / f"seed{seed}"
+                flags = shlex.split(args.compare_flags) + (shlex.split(args.quora_flags) if task == "quora" else [])
+                argv = ["--task", task, "--methods", args.methods, "--model", model, "--tokenizer", args.tokenizer,
+                        "--data-dir", args.data_dir, "--output-dir", str(out), "--seed", seed, "--resume", *flags]
+                print(f"\n##### {task} / {kind} / seed {seed}: python compare.py {shlex.join(argv)}", flush=True)
+                start = time.perf_counter()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # random weights say so once per run: known here
+                    compare.main(argv)
+                seconds = time.perf_counter() - start
+                for entry in json.loads((out / "comparison.json").read_text())["runs"]:
+                    result = entry["result"] or {}
+                    rows.append({"task": task, "model": kind, "seed": int(seed), "method": entry["method"],
+                                 "metric": result.get("metric"), "dev": result.get("best_dev_metric"),
+                                 "trainable_params": result.get("trainable_params"),
+                                 "train_seconds": sum(result.get("epoch_seconds") or []), "error": entry["error"],
+                                 "compare_seconds": seconds})
+    return rows
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean and standard deviation over seeds, per task, method and model."""
+    groups: dict[tuple, list[float]] = {}
+    for row in rows:
+        if row["dev"] is not None:
+            groups.setdefault((row["task"], row["method"], row["model"]), []).append(row["dev"])
+    return [{"task": t, "method": m, "model": k, "seeds": len(v), "mean": statistics.mean(v),
+             "std": statistics.stdev(v) if len(v) > 1 else 0.0} for (t, m, k), v in groups.items()]
+
+
+# ----------------------------------------------------------------------------------------------- 3. memorisation
+def memorisation_text(args, tokenizer: GPT2Tokenizer) -> list[int]:
+    """The held-out dev sonnets in full: natural English that pretraining (training files only) never saw."""
+    path = default_paths("sonnet", args.data_dir)["dev_true"]
+    return tokenizer.encode("\n\n".join(s.text for s in read_sonnets(path)))
+
+
+def memorise(model_source: str, layer: int, prompt: list[int], target: list[int], steps: int, lr: float,
+             seed: int = 0, check_every: int = 25) -> dict:
+    """Trains a rank-1 LoReFT at the last prompt token of `layer` until greedy decoding reproduces `target` (or
+    `steps` run out); returns how many leading tokens it recovers at best."""
+    torch.manual_seed(seed)  # the same random weights in every case of the random model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gpt = GPT2Model.from_pretrained(model_source)
+    gpt.set_dropout(0.0)
+    apply_method(gpt, MethodConfig("loreft", rank=1, layers=[layer], positions="l1"))
+    sequence = torch.tensor([prompt + target[:-1]])
+    prompt_mask = torch.arange(sequence.shape[1])[None] < len(prompt)
+    optimizer = AdamW([p for p in gpt.parameters() if p.requires_grad], lr=lr)
+    labels, best, step = torch.tensor(target), 0, 0
+    sampling = SamplingConfig(max_new_tokens=len(target))
+    for step in range(1, steps + 1):
+        gpt.train()
+        hidden = gpt(sequence, prompt_mask=prompt_mask)["last_hidden_state"][0, len(prompt) - 1:]
+        loss = F.cross_entropy(gpt.hidden_state_to_token(hidden).float(), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % check_every == 0 or step == steps:
+            produced = generate(gpt, [prompt], sampling)[0]
+            matched = next((i for i, (a, b) in enumerate(zip(produced, target)) if a != b), len(target))
+            best = max(best, matched)
+            if matched == len(target):
+                break
+    return {"recovered": best, "exact": best == len(target), "steps": step, "final_loss": loss.item()}
+
+
+def run_memorisation(args, models: dict[str, str], tokenizer: GPT2Tokenizer, n_layer: int, context: int) -> list[dict]:
+    text, prompt = memorisation_text(args, tokenizer), [tokenizer.eos_token_id]
+    lengths = sorted({min(int(n), context - len(prompt), len(text)) for n in args.lengths.split(",")})
+    layers = [int(i) for i in args.layers.split(",")] if args.layers else list(range(n_layer))
+    rows = []
+    for kind, model in models.items():
+        for layer in layers:
+            for length in lengths:
+                start = time.perf_counter()
+                outcome = memorise(model, layer, prompt, text[:length], args.memorise_steps, args.memorise_lr)
+                rows.append({"model": kind, "layer": layer, "length": length, **outcome,
+                             "seconds": time.perf_counter() - start})
+                print(f"memorise {kind} layer {layer} length {length}: {outcome['recovered']}/{length} tokens "
+                      f"({outcome['steps']} steps)", flush=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------- report
+def plot_compare(path: Path, summary: list[dict]) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    tasks = list(dict.fromkeys(r["task"] for r in summary))
+    if not tasks:
+        return
+    figure = Figure(figsize=(4.2 * len(tasks), 3.8))
+    FigureCanvasAgg(figure)
+    for i, task in enumerate(tasks, 1):
+        ax = figure.add_subplot(1, len(tasks), i)
+        methods = list(dict.fromkeys(r["method"] for r in summary if r["task"] == task))
+        for shift, kind in ((-0.2, "pretrained"), (0.2, "random")):
+            cells = {r["method"]: r for r in summary if r["task"] == task and r["model"] == kind}
+            xs = [j + shift for j, m in enumerate(methods) if m in cells]
+            ax.bar(xs, [cells[m]["mean"] for m in methods if m in cells], width=0.4, label=kind,
+                   yerr=[cells[m]["std"] for m in methods if m in cells], capsize=3)
+        ax.set_xticks(range(len(methods)), methods, rotation=20, fontsize="small")
+        ax.set(title=task, ylabel="dev metric (mean over seeds)")
+        ax.legend(fontsize="small")
+    figure.tight_layout()
+    atomic_save(lambda temp: figure.savefig(temp, format="png", dpi=120), path)
+
+
+def plot_memorisation(path: Path, rows: list[dict]) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not rows:
+        return
+    figure = Figure(figsize=(6.4, 4.2))
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    for kind, style in (("pretrained", "-o"), ("random", "--x")):
+        for layer in sorted({r["layer"] for r in rows}):
+            cells = sorted((r["length"], r["recovered"]) for r in rows if r["model"] == kind and r["layer"] == layer)
+            if cells:
+                ax.plot(*zip(*cells), style, label=f"{kind}, layer {layer}")
+    ax.set(xscale="log", xlabel="text length (tokens)", ylabel="tokens recovered (greedy)",
+           title="rank-1 LoReFT at the last prompt token of one layer")
+    ax.legend(fontsize="x-small")
+    ax.grid(True, alpha=0.3)
+    figure.tight_layout()
+    atomic_save(lambda temp: figure.savefig(temp, format="png", dpi=120), path)
+
+
+def markdown(rows: list[dict], columns: list[str]) -> str:
+    cell = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)
+    return "\n".join(["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+                     + ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows])
+
+
+def write_report(out: Path, results: dict) -> None:
+    final = results["pretraining"].get("final", {})
+    lines = ["# The small pretrained GPT-2 against random weights of the same shape", "",
+             f"Command: `python bench/pretrain_compare.py {shlex.join(results['argv'])}`", "",
+             f"Machine: {results['machine']['cpu_model']}, {results['machine']['usable_cpus']} usable CPUs, torch "
+             f"{results['machine']['torch']}, {results['machine']['date']}.", "",
+             "## Pretraining", "",
+             f"Held-out perplexity {final.get('best_held_out_ppl', float('nan')):.1f} (step {final.get('best_step')}), "
+             f"training perplexity {final.get('train_eval_ppl', float('nan')):.1f} (eval mode); "
+             f"{results['seconds']['pretrain']:.0f} s.", ""]
+    if results["compare"]:
+        lines += ["## Fine-tuning: dev metric, mean and standard deviation over seeds", "",
+                  markdown(sorted(summarise(results["compare"]), key=lambda r: (r["task"], r["method"], r["model"])),
+                           ["task", "method", "model", "seeds", "mean", "std"]),
+                  "", f"{results['seconds']['compare']:.0f} s for every compare run. Failed runs: "
+                  f"{sum(1 for r in results['compare'] if r['error']) or 'none'}.", ""]
+    if results["memorisation"]:
+        lines += ["## Memorisation: tokens recovered exactly (greedy) by a rank-1 LoReFT", "",
+                  markdown(results["memorisation"], ["model", "layer", "length", "recovered", "exact", "steps"]),
+                  "", f"{results['seconds']['memorise']:.0f} s.", ""]
+    with atomic_write(out / "RESULTS.md") as handle:
+        handle.write("\n".join(lines))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    work, out = Path(args.work_dir), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    skip = set(filter(None, args.skip.split(",")))
+    results = {"argv": list(sys.argv[1:] if argv is None else argv), "machine": machine_description(),
+               "seconds": {}, "compare": [], "memorisation": []}
+    start = time.perf_counter()
+    model_dir, results["pretraining"], random_model = pretrain_once(args, work)
+    results["seconds"]["pretrain"] = time.perf_counter() - start
+    models = {"pretrained": str(model_dir), "random": random_model}
+    if "compare" not in skip:
+        start = time.perf_counter()
+        results["compare"] = run_comparisons(args, work, models)
+        results["seconds"]["compare"] = time.perf_counter() - start
+        plot_compare(out / "compare.png", summarise(results["compare"]))
+    if "memorise" not in skip:
+        start = time.perf_counter()
+        shape = read_config(model_dir / "config.json")
+        tokenizer = GPT2Tokenizer.from_pretrained(model_dir)
+        results["memorisation"] = run_memorisation(args, models, tokenizer, shape.n_layer, shape.n_positions)
+        results["seconds"]["memorise"] = time.perf_counter() - start
+        plot_memorisation(out / "memorisation.png", results["memorisation"])
+    with atomic_write(out / "results.json") as handle:
+        json.dump(results, handle, indent=2, default=str)
+    write_report(out, results)
+    print(f"\nwrote {out / 'RESULTS.md'}, {out / 'results.json'} and the plots")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
