@@ -44,7 +44,7 @@ COURSE_TEXTS = (("sst", read_sentiment, lambda e: [e.text]), ("cfimdb", read_sen
                 ("quora", read_paraphrase, lambda e: [e.sentence1, e.sentence2]),
                 ("sonnet", read_sonnets, lambda s: [s.text]))
 # Settings that do not change what is trained: a resume may change them.
-NOT_IDENTITY = ("output_dir", "device", "save_every_steps", "resume", "overwrite")
+NOT_IDENTITY = ("output_dir", "device", "threads", "save_every_steps", "resume", "overwrite")
 
 
 @dataclass
@@ -73,6 +73,7 @@ class PretrainConfig:
     seed: int = 11711
     device: str = "auto"
     precision: str = "auto"
+    threads: Optional[int] = None  # torch's intra-op threads; None: torch's default
     resume: bool = False
     overwrite: bool = False
 
@@ -80,7 +81,7 @@ class PretrainConfig:
         problems = []
         if self.preset not in PRESETS:
             problems.append(f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
-        for name in ("n_embd", "n_layer", "n_head", "context", "max_eval_blocks", "save_every_steps"):
+        for name in ("n_embd", "n_layer", "n_head", "context", "max_eval_blocks", "save_every_steps", "threads"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 problems.append(f"{name} must be >= 1 (or unset), got {value}")
@@ -426,7 +427,13 @@ class Pretrainer:
 
 def pretrain(config: PretrainConfig) -> dict:
     """Pretrains and returns the final perplexities and the model directory (<run>/best)."""
-    return Pretrainer(config).run()
+    threads = torch.get_num_threads()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    try:
+        return Pretrainer(config).run()
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------------------------- command line
@@ -473,6 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "and dropout")
     train.add_argument("--device", default=d.device, help="cpu, cuda, cuda:N or auto")
     train.add_argument("--precision", choices=PRECISION_CHOICES, default=d.precision, help=PRECISION_HELP)
+    train.add_argument("--threads", type=positive_int, default=None,
+                       help="intra-op CPU threads (default: torch's, one per core)")
     again = train.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue the interrupted run in --output-dir")
     again.add_argument("--overwrite", action="store_true", help="replace an earlier run in --output-dir")
