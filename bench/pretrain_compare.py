@@ -2,6 +2,13 @@
 
     python bench/pretrain_compare.py --tokenizer ../shared/gpt2-tokenizer --data-dir ../shared/data
 
+A smoke run (minutes, the numbers meaningless; outputs in /tmp so bench/pretrain/ keeps real results only):
+
+    python bench/pretrain_compare.py --tokenizer ../shared/gpt2-tokenizer --data-dir ../shared/data \
+        --work-dir /tmp/pcb/work --out /tmp/pcb/out --seeds 1 --tasks sst --layers 0 --lengths 8,300 \
+        --memorise-steps 4 --pretrain-flags "--steps 2 --batch-size 2 --max-eval-blocks 2 --eval-every-steps 2 \
+        --precision fp32" --compare-flags "--epochs 1 --max-train-examples 8 --max-eval-examples 8 --batch-size 4"
+
 1. Pretrains the small model once (`python -m tasks.pretrain`; finished runs are reused, interrupted ones resumed).
 2. Runs compare.py on SST, CFIMDB and Quora (a small budget) with last-linear-layer, full, LoRA and LoReFT, on
    the pretrained model and on `random:<preset>`, for each seed.
