@@ -69,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--compare-flags", default="--epochs 3", help="training flags for every compare.py run")
     parser.add_argument("--quora-flags", default="--max-train-examples 4000 --max-eval-examples 1000",
-                        help="extra compare.py flags for Quora (its training set is large)")
+                        help="extra compare.py flags for Quora (its training set is large); --compare-flags override them")
     parser.add_argument("--lengths", default="8,16,32,64,128,256",
                         help="memorisation: text lengths in tokens (capped at the context minus the prompt)")
     parser.add_argument("--layers", default=None, help="memorisation: comma-separated layers (default: every layer)")
@@ -112,7 +112,8 @@ def run_comparisons(args, work: Path, models: dict[str, str]) -> list[dict]:
         for kind, model in models.items():
             for seed in args.seeds.split(","):
                 out = work / "compare" / kind / task / f"seed{seed}"
-                flags = shlex.split(args.compare_flags) + (shlex.split(args.quora_flags) if task == "quora" else [])
+                # Quora's defaults first, so that a flag of --compare-flags (a smoke run's budget) overrides them.
+                flags = (shlex.split(args.quora_flags) if task == "quora" else []) + shlex.split(args.compare_flags)
                 argv = ["--task", task, "--methods", args.methods, "--model", model, "--tokenizer", args.tokenizer,
                         "--data-dir", args.data_dir, "--output-dir", str(out), "--seed", seed, "--resume", *flags]
                 print(f"\n##### {task} / {kind} / seed {seed}: python compare.py {shlex.join(argv)}", flush=True)
