@@ -18,7 +18,9 @@ A smoke run (minutes, the numbers meaningless; outputs in /tmp so bench/pretrain
    each layer and L from 8 up to the context, on both models.
 
 Writes <out>/RESULTS.md (tables, the machine, the times), <out>/results.json (every number) and the plots
-<out>/compare.png and <out>/memorisation.png. Runs go to --work-dir; rerunning continues where it stopped.
+<out>/compare.png and <out>/memorisation.png. Runs go to --work-dir; rerunning continues where it stopped (the
+times in the report are those of the last invocation), and a run there with other settings is refused by name:
+after changing a budget, use a new --work-dir.
 """
 from __future__ import annotations
 
