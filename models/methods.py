@@ -41,6 +41,8 @@ from models.registry import (
     registered_methods,
     subset_of,
 )
+from modules.adapted_linear import target_overlap
+from modules.ia3 import IA3_TARGETS, IA3GPT2Layer
 from modules.lora import LORA_TARGETS, LoRAGPT2Layer
 from modules.reft import ACTIVATIONS, COMPONENTS, POSITIONS_RULE, PositionedIntervention, ReFTGPT2Layer, parse_positions
 
@@ -80,6 +82,19 @@ def parse_layers(text: str):
         raise ValueError(f"must be comma-separated layer indices such as 0,5,11, or auto:K; got {text!r}") from None
 
 
+def projection_targets(choices: dict):
+    """A non-empty list of distinct targets among `choices` that do not overlap (c_attn and query, say)."""
+    among = subset_of(tuple(choices))
+
+    def check(value) -> tuple:
+        targets = among(value)
+        overlap = target_overlap(targets, choices)
+        if overlap:
+            raise ValueError(overlap)
+        return targets
+    return check
+
+
 def check_positions(value: str) -> str:
     try:
         parse_positions(value)
@@ -94,9 +109,13 @@ for _option in (
     Option("rank", "rank of the low-rank update or intervention", "--rank", parse_int, at_least_one),
     Option("alpha", "scale numerator: updates are scaled by alpha/rank", "--alpha", parse_float, finite_number),
     Option("dropout", "dropout inside the method's own path", "--method-dropout", parse_float, probability),
-    Option("targets", f"LoRA: comma-separated projections, among {', '.join(LORA_TARGETS)}", "--lora-targets",
-           comma_list, subset_of(tuple(LORA_TARGETS)), label="LoRA targets"),
-    Option("rslora", "LoRA: rank-stabilised scale alpha/sqrt(rank)", "--rslora", check=boolean, switch=True),
+    Option("targets", f"LoRA, DoRA: comma-separated projections, among {', '.join(LORA_TARGETS)} (c_attn: all of "
+           "q|k|v with one shared A, peft's GPT-2 default)", "--lora-targets", comma_list,
+           projection_targets(LORA_TARGETS), label="LoRA targets"),
+    Option("rslora", "LoRA, DoRA: rank-stabilised scale alpha/sqrt(rank)", "--rslora", check=boolean, switch=True),
+    Option("ia3_targets", f"(IA)^3: comma-separated activations to rescale, among {', '.join(IA3_TARGETS)} (ffn: "
+           "the FFN's inner activation; peft's GPT-2 default is c_attn,ffn)", "--ia3-targets", comma_list,
+           projection_targets(IA3_TARGETS), label="(IA)^3 targets"),
     Option("components", "ReFT: where in each layer, attention and/or ffn (the layer's output), comma-separated",
            "--reft-components", comma_list, subset_of(COMPONENTS), label="ReFT components"),
     Option("positions", "ReFT: 'all' or first/last prompt tokens such as f1+l1, l1, f2+l2", "--positions",
@@ -135,10 +154,18 @@ def unfreeze(gpt, config, layers, wanted) -> None:
             param.requires_grad_(wanted(module, name))
 
 
-def add_lora(gpt, config, layers) -> None:
+def lora_applier(dora: bool):
+    """LoRA and DoRA share their options and their layer wrapper (modules/lora.py)."""
+    def add_lora(gpt, config, layers) -> None:
+        for index in layers:
+            gpt.h[index] = LoRAGPT2Layer(gpt.h[index], config.targets, config.rank, config.alpha, config.dropout,
+                                         rank_stabilized=config.rslora, dora=dora)
+    return add_lora
+
+
+def add_ia3(gpt, config, layers) -> None:
     for index in layers:
-        gpt.h[index] = LoRAGPT2Layer(gpt.h[index], config.targets, config.rank, config.alpha, config.dropout,
-                                     rank_stabilized=config.rslora)
+        gpt.h[index] = IA3GPT2Layer(gpt.h[index], config.ia3_targets)
 
 
 def reft_applier(orthogonal: bool, subtract_projection: bool, linear_source: bool = True):
@@ -167,6 +194,7 @@ def alpha_equals_rank(options: dict) -> float:
     return float(options["rank"])
 
 
+LORA_OPTIONS = {"layers": None, "rank": 8, "alpha": 16.0, "dropout": 0.0, "targets": ("query", "value"), "rslora": False}
 REFT_OPTIONS = {"layers": None, "rank": 4, "alpha": alpha_equals_rank, "dropout": 0.0, "components": ("ffn",),
                 "positions": "f1+l1", "tie_positions": True, "activation": "identity", "name": "default"}
 # ConsReFT and LobiReFT edit by a constant b: no activation or dropout to apply to it.
@@ -180,8 +208,12 @@ for _method in (
     Method("layernorm", "every LayerNorm's gain and bias (`ln_1`, `ln_2`; `ln_f` with all layers)",
            lambda gpt, config, layers: unfreeze(gpt, config, layers, lambda m, n: isinstance(m, nn.LayerNorm)),
            {"layers": None}),
-    Method("lora", "`W x + (alpha/r) B A x` on chosen projections; A random, B zero", add_lora,
-           {"layers": None, "rank": 8, "alpha": 16.0, "dropout": 0.0, "targets": ("query", "value"), "rslora": False}),
+    Method("lora", "`W x + (alpha/r) B A x` on chosen projections; A random, B zero", lora_applier(dora=False),
+           LORA_OPTIONS),
+    Method("dora", "LoRA's update with a trained magnitude per output feature: `m (W + (alpha/r) B A) / "
+           "||W + (alpha/r) B A||`, m from ||W||", lora_applier(dora=True), LORA_OPTIONS),
+    Method("ia3", "(IA)^3: vectors rescaling the keys, values and FFN inner activation, initialised to ones", add_ia3,
+           {"layers": None, "ia3_targets": ("key", "value", "ffn")}, lr=3e-3),
     Method("reft", "adapter after a sublayer: `h + (alpha/r) up(dropout(act(down h)))`, up zero",
            reft_applier(orthogonal=False, subtract_projection=False),
            {**REFT_OPTIONS, "rank": 8, "components": ("attention", "ffn"), "positions": "all", "activation": "relu"},

@@ -1,31 +1,37 @@
-"""LoRA (Hu et al., 2021): W x + (alpha / r) * B A x on chosen projections of a frozen GPT2Layer.
+"""LoRA (Hu et al., 2021) and DoRA (Liu et al., 2024) on chosen projections of a frozen GPT2Layer.
 
-B starts at zero, so a freshly wrapped layer computes exactly what the base layer does. Updates can be
-merged into W for inference at no extra cost and unmerged again.
+LoRA: W x + s B A x, s = alpha / r (alpha / sqrt(r) with rsLoRA). DoRA: the same update, then each output
+feature's weight row is rescaled to a trained magnitude m: W' = m (W + s B A) / ||W + s B A|| (the norm of each
+output feature's row of the (out, in) weight: a column of the (in, out) Conv1D layout of the checkpoint).
+B starts at zero and m at ||W||, so a freshly wrapped layer computes exactly what the base layer does. Both
+merge into W for inference at no extra cost and unmerge again (modules/adapted_linear.py).
 """
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# target -> (projection inside GPT2Layer, which third of the fused q|k|v output, or None for all of it)
+from modules.adapted_linear import ALL_ROWS, AdaptedGPT2Layer, WeightUpdate, check_targets, rows_of
+
+# target -> (projection inside GPT2Layer, which third of the fused q|k|v output, or None for all of it).
+# `c_attn` is the whole fused projection with one A shared by q, k and v: peft's default LoRA target on GPT-2.
 LORA_TARGETS = {
     "query": ("attn.c_attn", 0),
     "key": ("attn.c_attn", 1),
     "value": ("attn.c_attn", 2),
+    "c_attn": ("attn.c_attn", None),
     "attn_out": ("attn.c_proj", None),
     "mlp_in": ("mlp.c_fc", None),
     "mlp_out": ("mlp.c_proj", None),
 }
 
 
-class LoRAAdapter(nn.Module):
-    """The trainable low-rank update: delta(x) = scale * B A dropout(x)."""
+class LoRAAdapter(WeightUpdate):
+    """The trainable low-rank update: delta(x) = scale * B A dropout(x), added to its rows of the output."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, dropout: float = 0.0,
                  rank_stabilized: bool = False):
@@ -43,101 +49,67 @@ class LoRAAdapter(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         return (self.B.float() @ self.A.float()) * self.scale
 
-
-class LoRALinear(nn.Linear):
-    """A frozen nn.Linear plus low-rank updates on all or part of its output.
-
-    It shares the base layer's weight and bias (no copy, same parameter names), and holds its adapters in a
-    tuple so that they stay registered in one place only: the owning LoRAGPT2Layer's ModuleDict.
-    """
-
-    def __init__(self, base: nn.Linear, parts: Sequence[tuple[LoRAAdapter, Optional[slice]]]):
-        nn.Module.__init__(self)  # not nn.Linear.__init__: it would allocate a second weight
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight, self.bias = base.weight, base.bias
-        self.parts = tuple(parts)
-        self.merged = False
-        self._unmerged_weight: Optional[torch.Tensor] = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
-        if self.merged:
-            if self.training:
-                raise RuntimeError("LoRA weights are merged; call unmerge() before training")
-            return out
-        for adapter, rows in self.parts:
-            if rows is None:
-                out = out + adapter(x)
-            else:
-                # In place is safe: the matmul's backward needs its inputs, not its output.
-                out[..., rows] += adapter(x).to(out.dtype)
+    def adapt_output(self, x, out, rows, weight, bias):
+        if rows == ALL_ROWS:
+            return out + self(x).to(out.dtype)
+        # In place is safe: the matmul's backward needs its inputs, not its output.
+        out[..., rows] += self(x).to(out.dtype)
         return out
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        if self.merged:
-            return
-        # Kept so that unmerge restores the weight bit for bit (W + D - D is not always W in floating point).
-        self._unmerged_weight = self.weight.detach().clone()
-        merged = self.weight.float()
-        for adapter, rows in self.parts:
-            merged[rows if rows is not None else slice(None)] += adapter.delta_weight()
-        self.weight.copy_(merged.to(self.weight.dtype))
-        self.merged = True
+    def merge_into(self, weight, bias, rows) -> None:
+        weight[rows] += self.delta_weight()
+
+
+class DoRAAdapter(LoRAAdapter):
+    """LoRA's update with a trained magnitude per output feature: its rows of the output become
+    m / ||W + s B A|| * (W x + s B A dropout(x)) + bias. As in the paper (section 4.3) and peft, the norm is
+    treated as a constant in the backward pass (no gradient flows through it), which saves its activation memory;
+    the forward value is the formula's. Dropout acts on the low-rank branch only (peft also drops out the input
+    of W's rescaled copy; with dropout 0, the default, the two agree)."""
+
+    def __init__(self, weight: torch.Tensor, rank: int, alpha: float, dropout: float = 0.0,
+                 rank_stabilized: bool = False):
+        super().__init__(weight.shape[1], weight.shape[0], rank, alpha, dropout, rank_stabilized)
+        with torch.no_grad():
+            self.magnitude = nn.Parameter(torch.linalg.norm(weight.float(), dim=1))  # ||W + s B A|| with B = 0
 
     @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self.merged:
-            return
-        self.weight.copy_(self._unmerged_weight)
-        self._unmerged_weight = None
-        self.merged = False
+    def weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.norm(weight.float() + self.delta_weight(), dim=1)
+
+    def adapt_output(self, x, out, rows, weight, bias):
+        scale = self.magnitude / self.weight_norm(weight[rows])
+        own_bias = 0.0 if bias is None else bias[rows].float()
+        adapted = (scale * (out[..., rows].float() - own_bias + self(x).float()) + own_bias).to(out.dtype)
+        if rows == ALL_ROWS:
+            return adapted
+        out[..., rows] = adapted
+        return out
+
+    def merge_into(self, weight, bias, rows) -> None:
+        scale = self.magnitude.float() / self.weight_norm(weight[rows])
+        weight[rows] = scale[:, None] * (weight[rows] + self.delta_weight())
 
 
-class LoRAGPT2Layer(nn.Module):
-    """Wraps a GPT2Layer, freezes it, and adds LoRA adapters (in `self.lora`, keyed by target) to the chosen
-    projections. The forward pass is the base layer's: its projections now include the updates."""
+class LoRAGPT2Layer(AdaptedGPT2Layer):
+    """Wraps a GPT2Layer, freezes it, and adds LoRA (or DoRA, `dora=True`) adapters, in `self.lora` keyed by
+    target, to the chosen projections."""
 
     def __init__(self, layer: nn.Module, targets: Sequence[str], rank: int, alpha: float, dropout: float = 0.0,
-                 rank_stabilized: bool = False):
-        super().__init__()
-        unknown = sorted(set(targets) - LORA_TARGETS.keys())
-        if unknown or not targets:
-            raise ValueError(f"LoRA targets must be among {', '.join(LORA_TARGETS)}; got {list(targets)}")
-        self.layer = layer.requires_grad_(False)
+                 rank_stabilized: bool = False, dora: bool = False):
+        super().__init__(layer)
+        method = "DoRA" if dora else "LoRA"
+        check_targets(targets, LORA_TARGETS, method)
         self.lora = nn.ModuleDict()
-        parts_by_projection = defaultdict(list)
+        parts = []
         for target in targets:
             path, third = LORA_TARGETS[target]
             linear = layer.get_submodule(path)
-            if isinstance(linear, LoRALinear):
-                raise ValueError(f"LoRA is already applied to {path} of this layer")
-            width = linear.out_features // 3 if third is not None else linear.out_features
-            rows = slice(third * width, (third + 1) * width) if third is not None else None
-            self.lora[target] = LoRAAdapter(linear.in_features, width, rank, alpha, dropout, rank_stabilized)
-            parts_by_projection[path].append((self.lora[target], rows))
-        for path, parts in parts_by_projection.items():
-            parent, name = path.rsplit(".", 1)
-            setattr(layer.get_submodule(parent), name, LoRALinear(layer.get_submodule(path), parts))
-
-    def projections(self) -> list[LoRALinear]:
-        return [m for m in self.layer.modules() if isinstance(m, LoRALinear)]
-
-    def merge(self) -> None:
-        for projection in self.projections():
-            projection.merge()
-
-    def unmerge(self) -> None:
-        for projection in self.projections():
-            projection.unmerge()
-
-    # The updates live inside the wrapped layer's projections, so its sublayers are this layer's: a ReFT wrapper
-    # around this one (a lora+loreft combination) intervenes between them as it does on a plain GPT2Layer.
-    def attention_block(self, x: torch.Tensor, ctx) -> torch.Tensor:
-        return self.layer.attention_block(x, ctx)
-
-    def ffn_block(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer.ffn_block(x)
-
-    def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
-        return self.layer(x, ctx)
+            rows = rows_of(third, linear.out_features)
+            if dora:
+                self.lora[target] = DoRAAdapter(linear.weight[rows], rank, alpha, dropout, rank_stabilized)
+            else:
+                width = linear.weight[rows].shape[0]
+                self.lora[target] = LoRAAdapter(linear.in_features, width, rank, alpha, dropout, rank_stabilized)
+            parts.append((path, self.lora[target], rows))
+        self.install(parts, method)

@@ -25,7 +25,8 @@ from models.peft import (
     parameter_summary,
     save_adapter,
 )
-from modules.lora import LoRAGPT2Layer, LoRALinear
+from modules.adapted_linear import AdaptedLinear
+from modules.lora import LoRAGPT2Layer
 from modules.reft import ReFTGPT2Layer
 from tests.fixtures.models import random_model
 from tests.fixtures.peft import ADAPTING, assert_padding_changes_nothing, fresh, perturb_trainable, right_padded
@@ -36,7 +37,7 @@ def test_wrappers_freeze_the_layer_and_hold_their_parts_in_module_dicts():
     lora = fresh(MethodConfig("lora", targets=("query", "value", "mlp_out"), layers=[1]))
     assert isinstance(lora.h[1], LoRAGPT2Layer) and not isinstance(lora.h[0], LoRAGPT2Layer)
     assert isinstance(lora.h[1].lora, nn.ModuleDict) and set(lora.h[1].lora) == {"query", "value", "mlp_out"}
-    assert isinstance(lora.h[1].layer.attn.c_attn, LoRALinear)
+    assert isinstance(lora.h[1].layer.attn.c_attn, AdaptedLinear)
     for name, param in lora.h[1].named_parameters():
         assert param.requires_grad == name.startswith("lora."), name
     reft = fresh(MethodConfig("reft", components=("attention", "ffn")))
@@ -75,18 +76,38 @@ def test_trainable_counts_equal_the_formulas_at_gpt2_shape(config, expected):
     assert f"trainable params: {expected:,}" in format_parameter_summary(model)
 
 
+@pytest.mark.parametrize("config, expected", [
+    (MethodConfig("lora", rank=8, targets=("c_attn",)), 12 * (8 * 768 + 3 * 768 * 8)),  # one A, one B of 2,304 rows
+    (MethodConfig("dora", rank=8), 313_344),  # query, value: LoRA's 294,912 + 12 x 2 x 768 magnitudes
+    (MethodConfig("dora", rank=8, targets=("c_attn",)), 12 * (8 * 768 + 3 * 768 * 8 + 3 * 768)),
+    (MethodConfig("ia3"), 55_296),  # 12 x (768 + 768 + 3,072): keys, values, the FFN's inner activation
+    (MethodConfig("ia3", ia3_targets=("c_attn", "ffn")), 12 * (3 * 768 + 3072)),  # peft's GPT-2 default
+])
+def test_weight_method_counts_equal_the_formulas_at_gpt2_shape(config, expected):
+    """Counted on the meta device (no memory), as models/method_table.py counts the README's."""
+    if config.method == "dora" and config.targets == ("query", "value"):
+        assert expected == 12 * 2 * (8 * 768 + 768 * 8) + 12 * 2 * 768
+    if config.method == "ia3" and config.ia3_targets == ("key", "value", "ffn"):
+        assert expected == 12 * (768 + 768 + 3072)
+    with torch.device("meta"):
+        gpt = GPT2Model(GPT2Config.preset("gpt2"))
+    apply_method(gpt, config)
+    assert parameter_summary(gpt)["trainable"] == expected
+    assert f"trainable params: {expected:,} || all params: {124_439_808 + expected:,}" in format_parameter_summary(gpt)
+
+
 def test_method_structure_errors():
     with pytest.raises(ValueError, match="intervention rank 65 exceeds the hidden size 64"):
         fresh(MethodConfig("loreft", rank=65))
     layer = LoRAGPT2Layer(fresh().h[0], ["query"], rank=2, alpha=2.0)
-    with pytest.raises(ValueError, match="LoRA is already applied to attn.c_attn"):
+    with pytest.raises(ValueError, match="LoRA: a weight update is already applied to attn.c_attn"):
         LoRAGPT2Layer(layer.layer, ["value"], rank=2, alpha=2.0)
     with pytest.raises(TypeError, match="expects a GPT2Model"):
         apply_method(nn.Linear(2, 2), MethodConfig("lora"))
 
 
 # ----------------------------------------------------------------------------- identity and honest training
-@pytest.mark.parametrize("name", ["lora", "reft", "loreft", "loreft-untied", "noreft", "direft", "nodireft", "lobireft"])
+@pytest.mark.parametrize("name", [name for name, config in ADAPTING.items() if config.method != "consreft"])
 def test_methods_start_as_the_identity(name):  # consreft cannot (test_reft.py)
     base, adapted = fresh(), fresh(ADAPTING[name])
     ids, mask = right_padded([9, 5])
@@ -121,8 +142,7 @@ def test_one_step_changes_only_trainable_tensors(name):
 
 
 # ----------------------------------------------------------------------------- positions under padding
-@pytest.mark.parametrize("name", ["reft", "loreft", "loreft-untied", "noreft", "direft", "nodireft", "consreft",
-                                  "lobireft", "lora"])
+@pytest.mark.parametrize("name", list(ADAPTING))
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_padded_batch_gives_each_example_its_own_outputs(name, side):
     assert_padding_changes_nothing(fresh(ADAPTING[name]), side)
@@ -285,7 +305,7 @@ def test_two_reft_adapters_trained_separately_both_apply(tmp_path):
 
 # ----------------------------------------------------------------------------- generation
 @pytest.mark.slow  # 36 generated tokens with and without the cache, per method
-@pytest.mark.parametrize("name", ["loreft", "loreft-untied", "reft", "direft", "nodireft", "consreft", "lobireft", "lora"])
+@pytest.mark.parametrize("name", list(ADAPTING))
 def test_generation_with_interventions_cache_equals_no_cache(name):
     model = fresh(ADAPTING[name])
     perturb_trainable(model, scale=0.5)
