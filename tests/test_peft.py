@@ -148,6 +148,25 @@ def test_padded_batch_gives_each_example_its_own_outputs(name, side):
     assert_padding_changes_nothing(fresh(ADAPTING[name]), side)
 
 
+# ----------------------------------------------------------------------------- precision
+@pytest.mark.parametrize("name", list(ADAPTING))
+def test_bf16_keeps_the_trainable_parts_in_fp32_and_stays_close_to_fp32(name):
+    model = fresh(ADAPTING[name])
+    perturb_trainable(model, scale=0.2)
+    ids, mask = right_padded([7, 4])
+    with torch.no_grad():
+        exact = model(ids, mask)["last_hidden_state"]
+    model.set_precision("bf16")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    assert model.wte.weight.dtype == torch.bfloat16  # frozen matrices are stored in bf16
+    out = model(ids, mask)["last_hidden_state"]
+    assert (out.float() - exact).abs().mean() < 0.05 * exact.abs().mean()
+    out.float().square().mean().backward()
+    grads = [p.grad for p in trainable if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads) and any(g.abs().max() > 0 for g in grads)
+
+
 # ----------------------------------------------------------------------------- adapter files
 class TinyClassifier(nn.Module):
     def __init__(self, gpt):
