@@ -26,6 +26,7 @@ from models import pyreft_format
 from models.base_identity import base_identity, check_same_base
 from models.gpt2 import GPT2Model
 from models.methods import MethodConfig, combination_name, method_from_saved, method_parts, registered_methods
+from models.peft_format import PEFT_CONFIG, PEFT_WEIGHTS, is_peft_adapter, peft_adapter_files, read_peft_adapter
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
 ADAPTER_FORMAT = "gpt2-peft-adapter"
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 # flip its rows' signs), and `direft` means pyreft's DiReFT (version 1's `direft` is today's `nodireft`). Older
 # files load to the outputs they had: their modules' `upgrade_saved(version)` converts what they loaded.
 ADAPTER_VERSION = 2
-FORMATS = ("native", "pyreft")  # save_adapter's `format`: this project's files, or pyreft's (models/pyreft_format.py)
+FORMATS = ("native", "pyreft", "peft")  # save_adapter's `format`: this project's files, pyreft's or peft's
 
 
 # ---------------------------------------------------------------------------------------- applying
@@ -195,7 +196,8 @@ def trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_adapter(model: nn.Module, directory: str | Path, format: str = "native") -> Path:
     """Saves the trainable tensors of `model` (the method's parts and any task head) to adapter.safetensors
     and the applied methods with the base model's shape to adapter_config.json. Returns the directory.
-    `format="pyreft"` writes pyreft's files instead (ReFT-family interventions only; models/pyreft_format.py)."""
+    `format="pyreft"` writes pyreft's files instead (ReFT-family interventions only; models/pyreft_format.py);
+    `format="peft"` peft's LoRA/DoRA/(IA)^3 format (models/peft_format.py), which peft loads."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -204,6 +206,8 @@ def save_adapter(model: nn.Module, directory: str | Path, format: str = "native"
     gpt = find_gpt2(model)
     if format == "pyreft":
         return pyreft_format.save_pyreft(model, gpt, applied_methods(gpt), directory)
+    if format == "peft":
+        return save_peft_adapter(model, directory)
     tensors = {**adapter_parts(model, gpt), **trained_tensors(model)}
     atomic_save(lambda temp: save_file(tensors, temp, metadata={"format": ADAPTER_FORMAT}), directory / ADAPTER_WEIGHTS)
     config = {
@@ -314,7 +318,8 @@ def load_adapter(model: nn.Module, directory: str | Path, name: Optional[str] = 
     A combination's parts are applied in one apply_method call. `name` renames a stacking (ReFT-family) adapter,
     so that two adapters saved under one name can be combined.
     A directory of pyreft's files (config.json + intkey_*.bin) is read by models/pyreft_format.py; `positions`
-    then says which prompt tokens its interventions edit (pyreft does not save them; default l1).
+    then says which prompt tokens its interventions edit (pyreft does not save them; default l1). A directory
+    peft wrote (a LoRA, DoRA or (IA)^3 adapter for transformers' GPT-2) is recognised by its config and converted.
     Every check runs before the model changes, so a file that does not fit leaves the model as it was; every
     error names the adapter directory. A base with other weights than the recorded one (models/base_identity.py)
     is refused unless `allow_other_base`, which only warns.
@@ -329,6 +334,8 @@ def load_adapter(model: nn.Module, directory: str | Path, name: Optional[str] = 
             return load_pyreft_files(model, directory, name, trainable, positions)
         if positions is not None:
             raise ValueError("`positions` applies to pyreft directories only; this adapter records its own")
+        if is_peft_adapter(directory):
+            return load_peft_adapter(model, directory, name, trainable)
         return load_adapter_files(model, directory, name, trainable, allow_other_base)
     except ValueError as error:
         if str(directory) in str(error):
@@ -362,6 +369,14 @@ def load_adapter_files(model: nn.Module, directory: Path, name: Optional[str], t
         keys = renamed_keys(model, gpt, methods[0], renamed)
         tensors = {keys.get(key, key): tensor for key, tensor in tensors.items()}
         methods = [renamed]
+    return install_adapter(model, gpt, methods, tensors, directory, config, trainable)
+
+
+def install_adapter(model: nn.Module, gpt: GPT2Model, methods: list[MethodConfig], tensors: dict[str, torch.Tensor],
+                    directory: Path, config: dict, trainable: bool) -> nn.Module:
+    """Applies `methods` to `gpt` unless already applied and copies `tensors` (by parameter name in `model`) in,
+    after checking every name and shape, so that a file that does not fit leaves the model as it was. `config` is
+    the adapter's (its tensor count and version are checked)."""
     applied = applied_methods(gpt)
     check_against_applied(methods, applied, tensors, model)
     missing = [m for m in methods if m not in applied]
@@ -473,3 +488,40 @@ def renamed_keys(model: nn.Module, gpt: GPT2Model, method: MethodConfig, renamed
     present = dict(model.named_parameters())
     added = [key for key in skeleton_shapes(model, gpt, applied_methods(gpt) + [renamed]) if key not in present]
     return dict(zip(saved, added))
+
+
+# ---------------------------------------------------------------------------------------- peft's format
+def load_peft_adapter(model: nn.Module, directory: Path, name: Optional[str] = None, trainable: bool = False) -> nn.Module:
+    """A LoRA, DoRA or (IA)^3 adapter saved by peft for transformers' GPT-2, converted (models/peft_format.py) and
+    loaded."""
+    if name is not None:
+        raise ValueError(f"{directory}: a peft adapter (LoRA, DoRA or (IA)^3) does not stack; name= is for ReFT-family adapters")
+    gpt = find_gpt2(model)
+    methods, tensors = read_peft_adapter(directory, gpt)
+    prefix = gpt_prefix(model, gpt)
+    return install_adapter(model, gpt, methods, {prefix + key: t for key, t in tensors.items()}, directory,
+                           {"version": ADAPTER_VERSION}, trainable)  # converted tensors are in the current layout
+
+
+def save_peft_adapter(model: nn.Module, directory: str | Path, base_class: str = "GPT2LMHeadModel") -> Path:
+    """Writes `model`'s LoRA, DoRA or (IA)^3 adapter in peft's format: adapter_config.json and
+    adapter_model.safetensors with peft's keys for transformers' `base_class` (GPT2LMHeadModel or GPT2Model).
+    Refuses a model that trains anything peft's file cannot hold (another method, a task head)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    gpt = find_gpt2(model)
+    methods = applied_methods(gpt)
+    if len(methods) != 1:
+        applied = ", ".join(m.method for m in methods) or "no method"
+        raise ValueError(f"peft's format holds one LoRA, DoRA or (IA)^3 adapter; this model has {applied}")
+    prefix = gpt_prefix(model, gpt)
+    tensors = {**adapter_parts(model, gpt), **trained_tensors(model)}
+    outside = [key for key in tensors if not key.startswith(prefix)]
+    if outside:
+        raise ValueError(f"peft's format holds GPT-2's adapter tensors only; this model also trains {', '.join(outside[:4])} "
+                         f"(its task head): save it with save_adapter(model, dir) in this project's format instead")
+    config, peft_tensors = peft_adapter_files(gpt, methods[0], {k[len(prefix):]: t for k, t in tensors.items()}, base_class)
+    atomic_save(lambda temp: save_file(peft_tensors, temp, metadata={"format": "pt"}), directory / PEFT_WEIGHTS)
+    atomic_save(lambda temp: Path(temp).write_text(json.dumps(config, indent=2) + "\n"), directory / PEFT_CONFIG)
+    return directory
