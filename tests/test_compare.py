@@ -325,6 +325,29 @@ def test_a_combination_gets_its_own_row(tmp_path, task_files, capsys):
     assert (tmp_path / "lora+loreft" / "seed-11711" / "predictions" / "lora+loreft-sst-dev-out.csv").is_file()
 
 
+def test_weight_update_methods_get_their_own_flags(tmp_path, task_files):
+    _, runs = parse_command(compare_args(tmp_path, task_files, ["lora", "dora", "ia3"], "--lora-targets", "c_attn",
+                                         "--ia3-targets", "c_attn,ffn", "--rank", "2"))
+    by = {r.variant.name: r.config for r in runs}
+    assert by["lora"].method == MethodConfig("lora", rank=2, targets=("c_attn",))
+    assert by["dora"].method == MethodConfig("dora", rank=2, targets=("c_attn",))
+    assert by["ia3"].method == MethodConfig("ia3", ia3_targets=("c_attn", "ffn"))
+    assert by["ia3"].learning_rate == 3e-3
+
+
+@pytest.mark.slow  # trains three methods
+def test_weight_update_methods_compare_in_one_table(tmp_path, task_files, capsys):
+    code, printed, err = run_compare(compare_args(tmp_path, task_files, ["lora", "dora", "ia3"], "--in-process",
+                                                  "--lora-targets", "c_attn"), capsys)
+    assert code == 0, err
+    header, *rows = table_lines(printed)
+    rows = {row[0]: dict(zip(header, row)) for row in rows}
+    assert list(rows) == ["lora", "dora", "ia3"] and all(row["status"] == "finished" for row in rows.values())
+    counts = {name: int(row["trainable params"].replace(",", "")) for name, row in rows.items()}
+    # dora is lora plus one magnitude per output feature of c_attn (3 x 64 in each of 2 layers)
+    assert counts["dora"] - counts["lora"] == 2 * 3 * 64 and counts["ia3"] < counts["lora"]
+
+
 # ----------------------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize("variants, extra, message", [
     (["lora", "nope"], [], "argument --variants: variant 'nope': unknown method 'nope'"),

@@ -146,6 +146,26 @@ def test_every_method_trains_and_prints_its_parameter_count(tmp_path, task_files
     assert f"{expected['trainable']:,} trainable params" in out.splitlines()[-1]
 
 
+@pytest.mark.slow  # one run per method and task
+@pytest.mark.parametrize("script, task", [("sentiment", "sst"), ("paraphrase", "quora"), ("sonnet", "sonnet")])
+@pytest.mark.parametrize("method, flags", [("lora", {"lora_targets": "c_attn"}), ("dora", {}),
+                                           ("ia3", {"ia3_targets": "c_attn,ffn"})])
+def test_weight_update_methods_train_on_every_task_and_reload(tmp_path, task_files, script, task, method, flags):
+    options = dict(max_train_examples=4, max_eval_examples=4, **flags)
+    if script == "sonnet":
+        options.update(max_new_tokens=4)
+    code, out, err = run_script(script, base_args(tmp_path, task_files, method=method, **options)
+                                + (["--task", task] if script == "sentiment" else []))
+    assert code == 0, err
+    saved = json.loads((tmp_path / "run" / "best" / "adapter_config.json").read_text())["methods"][0]
+    assert saved["method"] == method and {k: ",".join(saved[k.replace("lora_", "")]) for k in flags} == flags
+    gpt = GPT2Model.from_pretrained(str(task_files.model))
+    model = load_adapter(get_task(task).build_model(gpt, tokenizer_of(task_files)), tmp_path / "run" / "best")
+    assert f"trainable params: {parameter_summary(model)['trainable']:,}" in out
+    changed = [name for name, p in model.named_parameters() if p.requires_grad and name.startswith(("gpt.h", "h."))]
+    assert changed, "the method's parts are in the reloaded model"
+
+
 def test_sonnet_refuses_last_linear_layer_with_a_reason(tmp_path, task_files):
     code, _, err = run_script("sonnet", base_args(tmp_path, task_files, method="last-linear-layer"))
     assert code == 1 and "sonnet task has none" in err
