@@ -110,7 +110,7 @@ for _option in (
     Option("alpha", "scale numerator: updates are scaled by alpha/rank", "--alpha", parse_float, finite_number),
     Option("dropout", "dropout inside the method's own path", "--method-dropout", parse_float, probability),
     Option("targets", f"LoRA, DoRA: comma-separated projections, among {', '.join(LORA_TARGETS)} (c_attn: all of "
-           "q|k|v with one shared A, peft's GPT-2 default)", "--lora-targets", comma_list,
+           "q, k and v with one shared A, peft's GPT-2 default)", "--lora-targets", comma_list,
            projection_targets(LORA_TARGETS), label="LoRA targets"),
     Option("rslora", "LoRA, DoRA: rank-stabilised scale alpha/sqrt(rank)", "--rslora", check=boolean, switch=True),
     Option("ia3_targets", f"(IA)^3: comma-separated activations to rescale, among {', '.join(IA3_TARGETS)} (ffn: "
@@ -210,8 +210,9 @@ for _method in (
            {"layers": None}),
     Method("lora", "`W x + (alpha/r) B A x` on chosen projections; A random, B zero", lora_applier(dora=False),
            LORA_OPTIONS),
-    Method("dora", "LoRA's update with a trained magnitude per output feature: `m (W + (alpha/r) B A) / "
-           "||W + (alpha/r) B A||`, m from ||W||", lora_applier(dora=True), LORA_OPTIONS),
+    Method("dora", "LoRA's update, each output feature's weight row rescaled to a trained magnitude: "
+           "`m (W + (alpha/r) B A) / norm(W + (alpha/r) B A)`, m starting at norm(W)", lora_applier(dora=True),
+           LORA_OPTIONS),
     Method("ia3", "(IA)^3: vectors rescaling the keys, values and FFN inner activation, initialised to ones", add_ia3,
            {"layers": None, "ia3_targets": ("key", "value", "ffn")}, lr=3e-3),
     Method("reft", "adapter after a sublayer: `h + (alpha/r) up(dropout(act(down h)))`, up zero",
