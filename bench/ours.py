@@ -83,6 +83,12 @@ def method_config(method: str):
     if method == "lora":
         # peft puts one rank-8 update on the fused c_attn; ours covers the same q|k|v output with one per part.
         return MethodConfig("lora", rank=common.LORA_RANK, alpha=common.LORA_ALPHA, targets=("query", "key", "value"))
+    if method in ("lora_c_attn", "dora"):
+        # Like for like with peft: one rank-8 update on the fused c_attn (DoRA: with its magnitudes).
+        return MethodConfig("lora" if method == "lora_c_attn" else "dora", rank=common.LORA_RANK, alpha=common.LORA_ALPHA,
+                            targets=("c_attn",))
+    if method == "ia3":
+        return MethodConfig("ia3", ia3_targets=("c_attn", "ffn"))  # peft's GPT-2 default
     if method == "loreft":
         # pyreft's setting: every layer's block output, the last position, rank 4.
         return MethodConfig("loreft", rank=common.LOREFT_RANK, positions="l1", components=("ffn",))

@@ -96,11 +96,15 @@ def train_step_case(weights: str, method: str, precision: str = "bf16") -> commo
 
         def hidden():
             return gpt(input_ids=ids, attention_mask=mask).last_hidden_state
-    elif method == "lora":
+    elif method in ("lora", "lora_c_attn", "dora", "ia3"):
         import peft
 
-        config = peft.LoraConfig(r=common.LORA_RANK, lora_alpha=common.LORA_ALPHA, lora_dropout=0.0,
-                                 target_modules=["c_attn"], fan_in_fan_out=True)  # GPT-2's Conv1D is (in, out)
+        if method == "ia3":  # peft's GPT-2 default: the fused c_attn output and the input of mlp.c_proj
+            config = peft.IA3Config()
+        else:
+            config = peft.LoraConfig(r=common.LORA_RANK, lora_alpha=common.LORA_ALPHA, lora_dropout=0.0,
+                                     target_modules=["c_attn"], fan_in_fan_out=True,  # GPT-2's Conv1D is (in, out)
+                                     use_dora=method == "dora")
         model = peft.get_peft_model(gpt, config)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
@@ -158,7 +162,13 @@ def train_step_case(weights: str, method: str, precision: str = "bf16") -> commo
 def versions() -> dict:
     import importlib.metadata as metadata
 
-    return {name: metadata.version(name) for name in ("torch", "transformers", "peft", "pyreft", "pyvene")}
+    def version(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:  # a peers' environment for the peft cases only, say
+            return "not installed"
+
+    return {name: version(name) for name in ("torch", "transformers", "peft", "pyreft", "pyvene")}
 
 
 CASES = {

@@ -59,6 +59,11 @@ def step_flops_per_token(method: str, side: str = "peer") -> float:
     return common.train_step_flops(GPT2["n_layer"], GPT2["d"], 1, length, weight_grads=method == "full") / length
 
 
+def step_methods(results: dict) -> list[str]:
+    """The training-step cases measured: step_<method> figures."""
+    return [name[len("step_"):] for name in results["figures"] if name.startswith("step_")]
+
+
 def derive(results: dict) -> None:
     """Fills results['ratios'], ['mfu'], ['targets'] and ['bounds'] from the figures measured so far."""
     ratios, mfu, bounds = {}, {}, {}
@@ -69,6 +74,9 @@ def derive(results: dict) -> None:
     ratios["full_step_vs_transformers"] = ratio(rate(results, "step_full", "ours"), rate(results, "step_full", "peer"))
     ratios["lora_step_vs_peft"] = ratio(rate(results, "step_lora", "ours"), rate(results, "step_lora", "peer"))
     ratios["loreft_step_vs_pyreft"] = ratio(rate(results, "step_loreft", "ours"), rate(results, "step_loreft", "peer"))
+    for method in ("lora_c_attn", "dora", "ia3"):
+        ratios[f"{method}_step_vs_peft"] = ratio(rate(results, f"step_{method}", "ours"),
+                                                 rate(results, f"step_{method}", "peer"))
     per_batch = []
     for batch in (1, 8):
         names = [f"generate_b{batch}_bf16", f"generate_b{batch}_fp32"]
@@ -85,7 +93,7 @@ def derive(results: dict) -> None:
         mfu["forward_mfu"] = ours_fwd * fwd_flops / peak if ours_fwd else None
         mfu[f"forward_mfu_transformers_{precision}"] = \
             (rate(results, f"forward_{precision}", "peer") or 0) * fwd_flops / peak or None
-        for method in ("full", "lora", "loreft"):
+        for method in step_methods(results):
             for side in ("ours", "peer"):
                 value = rate(results, f"step_{method}", side)
                 mfu[f"step_{method}_mfu_{side}"] = value * step_flops_per_token(method, side) / peak if value else None
@@ -203,7 +211,7 @@ def cross_checks(results: dict) -> dict:
         diff = max(abs(x - y) for x, y in zip(a, b))
         checks["forward_fp32_max_abs_diff"] = diff
         checks["forward_fp32_same_function"] = diff < 1e-3
-    for method in ("full", "lora", "loreft"):
+    for method in step_methods(results):
         for side in ("ours", "peer"):
             info = results["figures"].get(f"step_{method}", {}).get(side, {}).get("info", {})
             if "parameters_without_gradient" in info:
@@ -304,6 +312,9 @@ FIGURE_LABELS = {
     "step_full": "training step, full fine-tuning",
     "step_lora": "training step, LoRA r=8 (peft: c_attn; ours: query,key,value)",
     "step_loreft": "training step, LoReFT r=4, 12 layers, last position",
+    "step_lora_c_attn": "training step, LoRA r=8 on c_attn (both sides)",
+    "step_dora": "training step, DoRA r=8 on c_attn (both sides)",
+    "step_ia3": "training step, (IA)^3 on c_attn and the FFN (peft's GPT-2 default; both sides)",
     "generate_b1_bf16": "generate 128 tokens, batch 1, bf16",
     "generate_b1_fp32": "generate 128 tokens, batch 1, fp32",
     "generate_b8_bf16": "generate 128 tokens, batch 8, bf16",

@@ -36,6 +36,9 @@ import report  # noqa: E402
 GROUPS = ("peak", "forward", "step", "generate", "sst", "sst-run")
 DEFAULT_PEERS_PYTHON = BENCH / ".venv-peers" / "bin" / "python"
 SST_METHODS = ("full", "lora", "reft", "loreft")
+# Training-step cases, each against its peer with the same settings: lora (ours on query,key,value, peft on c_attn),
+# then like for like with peft on the fused c_attn: lora_c_attn, dora (both rank 8) and ia3 (peft's GPT-2 targets).
+STEP_METHODS = ("full", "lora", "lora_c_attn", "dora", "ia3", "loreft")
 # Options beyond each method's defaults, matching the training-step benchmark: LoReFT rank 4 on all 12 layers
 # at the last position (its default, f1+l1, also edits the first token).
 SST_METHOD_FLAGS = {"loreft": ["--positions", "l1"]}
@@ -166,7 +169,7 @@ def precisions_for(best: str) -> tuple[str, ...]:
     return ("fp32", "bf16") if best == "bf16" else ("fp32",)
 
 
-def comparisons(weights: str, groups: set[str], best: str = "bf16") -> list[dict]:
+def comparisons(weights: str, groups: set[str], best: str = "bf16", step_methods=STEP_METHODS) -> list[dict]:
     """Pairs measured side by side: a name, the group, and (case, options) for ours and for the peer. Training
     steps run at the machine's best precision `best`, on both sides."""
     pairs = []
@@ -176,7 +179,7 @@ def comparisons(weights: str, groups: set[str], best: str = "bf16") -> list[dict
             pairs.append({"name": f"forward_{precision}", "group": "forward", "unit": "tokens",
                           "ours": ("forward", options), "peer": ("forward", options)})
     if "step" in groups:
-        for method in ("full", "lora", "loreft"):
+        for method in step_methods:
             options = {"weights": weights, "method": method, "precision": best}
             pairs.append({"name": f"step_{method}", "group": "step", "unit": "tokens",
                           "ours": ("train_step", options), "peer": ("train_step", options)})
@@ -314,6 +317,8 @@ def parse_args(argv=None):
     parser.add_argument("--sst-runs", default=",".join(SST_RUNS),
                         help=f"the multi-epoch SST runs of group sst-run, among {', '.join(SST_RUNS)}")
     parser.add_argument("--sst-run-epochs", type=int, default=SST_RUN_EPOCHS, help="epochs of each sst-run run")
+    parser.add_argument("--step-methods", default=",".join(STEP_METHODS),
+                        help=f"training-step cases (default: all of {', '.join(STEP_METHODS)})")
     parser.add_argument("--sst-examples", type=int, default=None,
                         help="train the SST epochs on the first N sentences only (a smoke test: such partial "
                         "epochs are reported but not held against the target)")
@@ -333,6 +338,10 @@ def parse_args(argv=None):
     else:
         groups = set(GROUPS) - ({"sst", "sst-run"} if args.quick else set())
     args.groups = groups
+    args.step_methods = [m.strip() for m in args.step_methods.split(",") if m.strip()]
+    unknown = sorted(set(args.step_methods) - set(STEP_METHODS))
+    if unknown:
+        parser.error(f"--step-methods: unknown cases {unknown}; choose among {', '.join(STEP_METHODS)}")
     args.repeats = args.repeats or (3 if args.quick else 7)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     if args.repeats < 1 or args.warmup < 0 or args.threads < 1 or args.sst_run_epochs < 1:
@@ -389,7 +398,7 @@ def main(argv=None) -> None:
         peaks = []
         if args.groups & {"peak", "forward"}:  # MFU needs the peak of this same run
             peaks.append(measure_peak(ours, best))
-        for pair in comparisons(weights, args.groups, best):
+        for pair in comparisons(weights, args.groups, best, args.step_methods):
             try:
                 results["figures"][pair["name"]] = measure_pair(pair, ours, peer, args.repeats, args.warmup)
             except WorkerError as error:  # a worker died: record it, restart it for the next pair
