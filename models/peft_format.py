@@ -67,10 +67,18 @@ def unsupported_settings(config: dict) -> list[str]:
     problems = []
     if config.get("peft_type") != "LORA":
         problems.append(f"peft_type={config.get('peft_type')!r} (only LORA converts, with use_dora for DoRA)")
-    for name, fine in (("bias", lambda v: v in (None, "none")), ("modules_to_save", lambda v: not v),
-                       ("rank_pattern", lambda v: isinstance(v, dict) or not v),
-                       ("alpha_pattern", lambda v: isinstance(v, dict) or not v), ("layer_replication", lambda v: not v), ("use_dora", lambda v: isinstance(v, bool)),
-                       ("use_rslora", lambda v: isinstance(v, bool))):
+    checks = {
+        "r": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+        "lora_alpha": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        "bias": lambda v: v in (None, "none"),  # peft trains biases otherwise, which this LoRA does not hold
+        "modules_to_save": lambda v: not v,
+        "rank_pattern": lambda v: isinstance(v, dict) or not v,  # checked per module once the tensors are read
+        "alpha_pattern": lambda v: isinstance(v, dict) or not v,
+        "layer_replication": lambda v: not v,
+        "use_dora": lambda v: isinstance(v, bool) or v is None,
+        "use_rslora": lambda v: isinstance(v, bool) or v is None,
+    }
+    for name, fine in checks.items():
         if not fine(config.get(name)):
             problems.append(f"{name}={json.dumps(config.get(name))}")
     return problems
