@@ -71,8 +71,8 @@ class AdaptedLinear(nn.Linear):
             return
         # Kept so that unmerge restores them bit for bit (W + D - D is not always W in floating point).
         self._unmerged = (self.weight.detach().clone(), None if self.bias is None else self.bias.detach().clone())
-        weight = self.weight.float()
-        bias = None if self.bias is None else self.bias.float()
+        weight = self.weight.float().clone()  # fp32 working copies, whatever the stored precision
+        bias = None if self.bias is None else self.bias.float().clone()
         # Input scalings act before the matmul, so they fold into the columns before the rows change.
         for update, rows in sorted(self.parts, key=lambda part: not part[0].scales_input):
             update.merge_into(weight, bias, rows)
