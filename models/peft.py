@@ -6,6 +6,7 @@
     ...train...
     save_adapter(model, "runs/sst-loreft/best")   # only the trained tensors + the config as JSON
     load_adapter(fresh_model, "runs/sst-loreft/best")
+    save_adapter(lora_model, "for-peft", format="peft")   # peft's LoRA/DoRA/IA3 format (models/peft_format.py)
 
 The methods themselves are declared in models/methods.py; nothing here names one. Task code never branches on
 the method: it builds its model, calls apply_method, and trains whatever requires a gradient (the method's

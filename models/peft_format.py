@@ -1,4 +1,4 @@
-"""peft's adapter format for LoRA and DoRA on GPT-2, converted to and from this project's methods.
+"""peft's adapter format for LoRA, DoRA and (IA)^3 on GPT-2, converted to and from this project's methods.
 
 A peft adapter directory holds `adapter_config.json` (with `peft_type`) and `adapter_model.safetensors` (or an
 older `adapter_model.bin`), keys as peft writes them for transformers' `GPT2LMHeadModel`
@@ -10,7 +10,9 @@ older `adapter_model.bin`), keys as peft writes them for transformers' `GPT2LMHe
 peft module -> our target: attn.c_attn -> c_attn, attn.c_proj -> attn_out, mlp.c_fc -> mlp_in, mlp.c_proj ->
 mlp_out. Our per-projection query/key/value targets are written as one c_attn update whose A stacks theirs and
 whose B is block-diagonal on their rows, with rank and alpha scaled so that peft's scale is ours (through
-rank_pattern / alpha_pattern when other targets keep the plain rank). Pure conversion: models/peft.py reads and
+rank_pattern / alpha_pattern when other targets keep the plain rank). (IA)^3 (`ia3_l`): peft's c_attn output
+vector is our `c_attn` target (our key/value vectors are written into it with ones on the other thirds), and
+its feed-forward mlp.c_proj input vector our `ffn`. Pure conversion: models/peft.py reads and
 writes the files and installs the tensors.
 """
 from __future__ import annotations
@@ -28,7 +30,7 @@ from models.methods import MethodConfig
 from modules.lora import LORA_TARGETS
 
 PEFT_CONFIG, PEFT_WEIGHTS, PEFT_WEIGHTS_BIN = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
-PEFT_METHODS = ("lora", "dora")
+PEFT_METHODS = ("lora", "dora", "ia3")
 MODULE_TARGETS = {"attn.c_attn": "c_attn", "attn.c_proj": "attn_out", "mlp.c_fc": "mlp_in", "mlp.c_proj": "mlp_out"}
 TARGET_MODULES = {target: module for module, target in MODULE_TARGETS.items()}
 QKV = ("query", "key", "value")
@@ -36,8 +38,8 @@ QKV = ("query", "key", "value")
 BASE_PREFIXES = {"GPT2LMHeadModel": "base_model.model.transformer.", "GPT2Model": "base_model.model."}
 KEY = re.compile(r"base_model\.model\.(?P<transformer>transformer\.)?h\.(?P<layer>\d+)\."
                  r"(?P<module>attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\."
-                 r"(?P<kind>lora_A\.weight|lora_B\.weight|lora_magnitude_vector)")
-OUR_NAMES = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_magnitude_vector": "magnitude"}
+                 r"(?P<kind>lora_A\.weight|lora_B\.weight|lora_magnitude_vector|ia3_l)")
+OUR_NAMES = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_magnitude_vector": "magnitude", "ia3_l": "scale"}
 
 
 def read_peft_config(directory: Path) -> Optional[dict]:
@@ -66,7 +68,7 @@ def unsupported_settings(config: dict) -> list[str]:
     """The peft settings this project's LoRA cannot represent, as 'name=value'."""
     problems = []
     if config.get("peft_type") != "LORA":
-        problems.append(f"peft_type={config.get('peft_type')!r} (only LORA converts, with use_dora for DoRA)")
+        problems.append(f"peft_type={config.get('peft_type')!r} (LORA, with use_dora for DoRA, and IA3 convert)")
     checks = {
         "r": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
         "lora_alpha": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
@@ -84,12 +86,13 @@ def unsupported_settings(config: dict) -> list[str]:
     return problems
 
 
-def matches_target_modules(config: dict, module_name: str) -> bool:
+def matches_target_modules(targets, module_name: str, suffix_only: bool = False) -> bool:
     """peft's rule: a regex string must match the whole module name; a list entry must equal it or end it after
-    a dot."""
-    targets = config.get("target_modules")
+    a dot (for IA3's feedforward_modules, end it: `suffix_only`)."""
     if isinstance(targets, str):
         return re.fullmatch(targets, module_name) is not None
+    if suffix_only:
+        return any(module_name.endswith(t) for t in targets or ())
     return any(module_name == t or module_name.endswith("." + t) for t in targets or ())
 
 
@@ -102,66 +105,116 @@ def module_rank_and_alpha(config: dict, module_name: str) -> tuple[int, float]:
 
 
 def read_peft_adapter(directory: str | Path, gpt: GPT2Model) -> tuple[list[MethodConfig], dict[str, torch.Tensor]]:
-    """A peft LoRA/DoRA adapter as (the equivalent method, its tensors by parameter name inside `gpt`).
+    """A peft LoRA, DoRA or (IA)^3 adapter as (the equivalent method, its tensors by parameter name inside `gpt`).
     Refuses, naming the file and the setting, what cannot convert."""
     directory = Path(directory)
     config = read_peft_config(directory)
-    config_path = directory / PEFT_CONFIG
+    if config.get("peft_type") == "IA3":
+        return read_ia3(directory, config, gpt)
     problems = unsupported_settings(config)
     if problems:
-        raise ValueError(f"{config_path}: peft adapter settings this project cannot convert: {'; '.join(problems)}")
-    tensors = read_peft_tensors(peft_weights_path(directory))
-    dora = bool(config.get("use_dora"))
+        raise ValueError(f"{directory / PEFT_CONFIG}: peft adapter settings this project cannot convert: "
+                         f"{'; '.join(problems)}")
+    return read_lora(directory, config, gpt)
+
+
+def parse_keys(tensors: dict, config: dict, directory: Path, target_of) -> dict[int, dict[str, dict]]:
+    """peft's keys -> {layer: {our target: {our tensor name: tensor}}}. `target_of(module, module_name, kind)`
+    gives our target of one adapted module, or raises saying why there is none."""
     found: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
-    prefixes, ranks = set(), set()
+    prefixes = set()
     for key, tensor in tensors.items():
         match = KEY.fullmatch(key)
         if match is None:
-            raise ValueError(f"{directory}: peft tensor {key} is not a LoRA tensor of a GPT-2 block's c_attn, "
-                             "attn.c_proj, mlp.c_fc or mlp.c_proj, the projections this project adapts")
-        if match["kind"] == "lora_magnitude_vector" and not dora:
-            raise ValueError(f"{directory}: {key} is a DoRA magnitude, but the config says use_dora=false")
+            raise ValueError(f"{directory}: peft tensor {key} is not a tensor of a GPT-2 block's c_attn, attn.c_proj, "
+                             "mlp.c_fc or mlp.c_proj, the projections this project adapts")
         prefixes.add(bool(match["transformer"]))
         module_name = f"{'transformer.' if match['transformer'] else ''}h.{match['layer']}.{match['module']}"
-        if not matches_target_modules(config, module_name):
+        if not matches_target_modules(config.get("target_modules"), module_name):
             raise ValueError(f"{directory}: {key} adapts {module_name}, which target_modules="
                              f"{json.dumps(config.get('target_modules'))} does not name")
-        ranks.add(module_rank_and_alpha(config, module_name))
-        target = MODULE_TARGETS[match["module"]]
+        target = target_of(match["module"], module_name, match["kind"])
         found.setdefault(int(match["layer"]), {}).setdefault(target, {})[OUR_NAMES[match["kind"]]] = tensor
     if not found:
-        raise ValueError(f"{directory}: the peft adapter holds no LoRA tensors")
-    if len(ranks) > 1:
-        raise ValueError(f"{config_path}: rank_pattern / alpha_pattern give the adapted modules different ranks or "
-                         f"alphas ({', '.join(f'r={r} alpha={a:g}' for r, a in sorted(ranks))}); this project's LoRA "
-                         "uses one rank and alpha for every target")
+        raise ValueError(f"{directory}: the peft adapter holds no tensors")
     if len(prefixes) > 1:
         raise ValueError(f"{directory}: keys of both GPT2LMHeadModel (transformer.h...) and GPT2Model (h...) layouts")
+    return found
+
+
+def adapted_layers(found: dict, gpt: GPT2Model, directory: Path, order: list[str]) -> tuple[Optional[list[int]], list[str]]:
+    """(the layers option: None for all of them, the targets), once every adapted layer has the same targets."""
     layers = sorted(found)
     beyond = [i for i in layers if i >= gpt.config.n_layer]
     if beyond:
         raise ValueError(f"{directory}: the peft adapter adapts layers {beyond}; this model has layers "
                          f"0..{gpt.config.n_layer - 1}")
-    targets = sorted(found[layers[0]], key=list(LORA_TARGETS).index)
+    targets = sorted(found[layers[0]], key=order.index)
     for layer in layers:
-        if sorted(found[layer], key=list(LORA_TARGETS).index) != targets:
+        if sorted(found[layer], key=order.index) != targets:
             raise ValueError(f"{directory}: the peft adapter adapts {', '.join(found[layer])} in layer {layer} but "
-                             f"{', '.join(targets)} in layer {layers[0]}; this project's LoRA applies one set of "
+                             f"{', '.join(targets)} in layer {layers[0]}; this project's methods apply one set of "
                              "targets to every adapted layer")
-        for target, parts in found[layer].items():
-            needed = {"A", "B"} | ({"magnitude"} if dora else set())
+    return (None if layers == list(range(gpt.config.n_layer)) else layers), targets
+
+
+def read_lora(directory: Path, config: dict, gpt: GPT2Model) -> tuple[list[MethodConfig], dict[str, torch.Tensor]]:
+    dora, ranks = bool(config.get("use_dora")), set()
+
+    def target_of(module: str, module_name: str, kind: str) -> str:
+        if kind == "ia3_l":
+            raise ValueError(f"{directory}: an (IA)^3 vector in a {config.get('peft_type')} adapter")
+        if kind == "lora_magnitude_vector" and not dora:
+            raise ValueError(f"{directory}: {module_name} has a DoRA magnitude, but the config says use_dora=false")
+        ranks.add(module_rank_and_alpha(config, module_name))
+        return MODULE_TARGETS[module]
+
+    found = parse_keys(read_peft_tensors(peft_weights_path(directory)), config, directory, target_of)
+    if len(ranks) > 1:
+        raise ValueError(f"{directory / PEFT_CONFIG}: rank_pattern / alpha_pattern give the adapted modules different "
+                         f"ranks or alphas ({', '.join(f'r={r} alpha={a:g}' for r, a in sorted(ranks))}); this "
+                         "project's LoRA uses one rank and alpha for every target")
+    layers, targets = adapted_layers(found, gpt, directory, list(LORA_TARGETS))
+    needed = {"A", "B"} | ({"magnitude"} if dora else set())
+    for layer, by_target in found.items():
+        for target, parts in by_target.items():
             if set(parts) != needed:
-                missing = sorted(needed - set(parts))
                 raise ValueError(f"{directory}: layer {layer} {TARGET_MODULES[target]} lacks "
-                                 f"{', '.join(missing)} (peft's lora_A / lora_B / lora_magnitude_vector)")
+                                 f"{', '.join(sorted(needed - set(parts)))} (peft's lora_A / lora_B / lora_magnitude_vector)")
     (rank, alpha), = ranks
-    method = MethodConfig(
-        "dora" if dora else "lora", rank=rank, alpha=alpha,
-        dropout=float(config.get("lora_dropout") or 0.0), targets=tuple(targets), rslora=bool(config.get("use_rslora")),
-        layers=None if layers == list(range(gpt.config.n_layer)) else layers,
-    )
+    method = MethodConfig("dora" if dora else "lora", rank=rank, alpha=alpha, targets=tuple(targets), layers=layers,
+                          dropout=float(config.get("lora_dropout") or 0.0), rslora=bool(config.get("use_rslora")))
     ours = {f"h.{layer}.lora.{target}.{name}": tensor.float()
             for layer, by_target in found.items() for target, parts in by_target.items() for name, tensor in parts.items()}
+    return [method], ours
+
+
+# peft's (IA)^3 modules on GPT-2 -> our targets: the fused c_attn output, and the input of mlp.c_proj (a
+# feed-forward module in peft's terms), which is the FFN's inner activation.
+IA3_MODULES = {("attn.c_attn", False): "c_attn", ("mlp.c_proj", True): "ffn"}
+
+
+def read_ia3(directory: Path, config: dict, gpt: GPT2Model) -> tuple[list[MethodConfig], dict[str, torch.Tensor]]:
+    if config.get("modules_to_save"):
+        raise ValueError(f"{directory / PEFT_CONFIG}: peft adapter settings this project cannot convert: "
+                         f"modules_to_save={json.dumps(config['modules_to_save'])}")
+
+    def target_of(module: str, module_name: str, kind: str) -> str:
+        if kind != "ia3_l":
+            raise ValueError(f"{directory}: a LoRA tensor of {module_name} in an IA3 adapter")
+        feedforward = matches_target_modules(config.get("feedforward_modules"), module_name, suffix_only=True)
+        target = IA3_MODULES.get((module, feedforward))
+        if target is None:
+            raise ValueError(f"{directory}: (IA)^3 scaling the {'input' if feedforward else 'output'} of {module_name} "
+                             "has no counterpart here: this project's (IA)^3 scales c_attn's output and the input of "
+                             "mlp.c_proj (the FFN's inner activation)")
+        return target
+
+    found = parse_keys(read_peft_tensors(peft_weights_path(directory)), config, directory, target_of)
+    layers, targets = adapted_layers(found, gpt, directory, ["c_attn", "ffn"])
+    method = MethodConfig("ia3", ia3_targets=tuple(targets), layers=layers)
+    ours = {f"h.{layer}.ia3.{target}.scale": parts["scale"].float().flatten()
+            for layer, by_target in found.items() for target, parts in by_target.items()}
     return [method], ours
 
 
@@ -190,11 +243,17 @@ def peft_adapter_files(gpt: GPT2Model, method: MethodConfig, tensors: dict[str, 
     trained tensors (by parameter name inside gpt) are `tensors`: what peft loads onto transformers'
     `base_class` with the same base weights to the same outputs."""
     if method.method not in PEFT_METHODS:
-        raise ValueError(f"peft's LoRA format holds lora and dora adapters; this model has {method.method}")
+        raise ValueError(f"peft's format holds lora, dora and ia3 adapters here; this model has {method.method}")
     if base_class not in BASE_PREFIXES:
         raise ValueError(f"base_class must be one of {', '.join(BASE_PREFIXES)}, got {base_class!r}")
-    prefix, dora = BASE_PREFIXES[base_class], method.method == "dora"
+    prefix = BASE_PREFIXES[base_class]
     layers = list(range(gpt.config.n_layer)) if method.layers is None else list(method.layers)
+    shared = {"auto_mapping": None, "base_model_name_or_path": base_model_name_or_path, "fan_in_fan_out": True,
+              "inference_mode": True, "modules_to_save": None, "revision": None,
+              "task_type": "CAUSAL_LM" if base_class == "GPT2LMHeadModel" else None}
+    if method.method == "ia3":
+        return ia3_adapter_files(gpt, method, tensors, prefix, layers, shared)
+    dora = method.method == "dora"
     fused = [t for t in QKV if t in method.targets]  # written as one c_attn update of rank len(fused) x r
     # peft's scale is alpha / r (or alpha / sqrt(r)): c_attn's rank k r needs alpha k (or alpha sqrt(k)) to keep ours
     fused_alpha = method.alpha * (math.sqrt(len(fused)) if method.rslora else len(fused))
@@ -211,7 +270,6 @@ def peft_adapter_files(gpt: GPT2Model, method: MethodConfig, tensors: dict[str, 
         if fused:
             write_parts(out, block + "attn.c_attn", fused_qkv(gpt, layer, method, tensors, fused))
     modules = sorted({TARGET_MODULES.get(t, "attn.c_attn") for t in method.targets})
-    whole = layers == list(range(gpt.config.n_layer))
     others = [t for t in method.targets if t not in QKV]
     rank, alpha = method.rank, method.alpha
     rank_pattern, alpha_pattern = {}, {}
@@ -220,12 +278,9 @@ def peft_adapter_files(gpt: GPT2Model, method: MethodConfig, tensors: dict[str, 
     elif len(fused) > 1:
         rank_pattern, alpha_pattern = {"attn.c_attn": len(fused) * method.rank}, {"attn.c_attn": fused_alpha}
     config = {
+        **shared,  # fan_in_fan_out: GPT-2's Conv1D weights are (in, out)
         "alpha_pattern": alpha_pattern,
-        "auto_mapping": None,
-        "base_model_name_or_path": base_model_name_or_path,
         "bias": "none",
-        "fan_in_fan_out": True,  # GPT-2's Conv1D weights are (in, out)
-        "inference_mode": True,
         "init_lora_weights": True,
         "layer_replication": None,
         "layers_pattern": None,
@@ -235,18 +290,42 @@ def peft_adapter_files(gpt: GPT2Model, method: MethodConfig, tensors: dict[str, 
         "lora_dropout": method.dropout,
         "megatron_config": None,
         "megatron_core": "megatron.core",
-        "modules_to_save": None,
         "peft_type": "LORA",
         "r": rank,
         "rank_pattern": rank_pattern,
-        "revision": None,
-        # All layers: module names, as peft's own configs give them; some layers: one regex over the full names.
-        "target_modules": modules if whole else
-        rf"(.*\.)?h\.({'|'.join(map(str, layers))})\.({'|'.join(re.escape(m) for m in modules)})",
-        "task_type": "CAUSAL_LM" if base_class == "GPT2LMHeadModel" else None,
+        "target_modules": target_modules(modules, layers, gpt),
         "use_dora": dora,
         "use_rslora": method.rslora,
     }
+    return config, out
+
+
+def target_modules(modules: list[str], layers: list[int], gpt: GPT2Model):
+    """All layers: the module names, as peft's own configs give them; some layers: one regex over the full names."""
+    if layers == list(range(gpt.config.n_layer)):
+        return modules
+    return rf"(.*\.)?h\.({'|'.join(map(str, layers))})\.({'|'.join(re.escape(m) for m in modules)})"
+
+
+def ia3_adapter_files(gpt: GPT2Model, method: MethodConfig, tensors: dict, prefix: str, layers: list[int],
+                      shared: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(IA)^3 in peft's layout: one (3d, 1) vector on c_attn's output (our query/key/value vectors on their thirds,
+    ones on the thirds not targeted: the same computation), one (1, 4d) vector on mlp.c_proj's input."""
+    d = gpt.config.n_embd
+    out = {}
+    for layer in layers:
+        vectors = {t: tensors[f"h.{layer}.ia3.{t}.scale"].float() for t in method.ia3_targets}
+        if "c_attn" in vectors or set(vectors) & set(QKV):
+            scale = vectors.get("c_attn")
+            if scale is None:
+                scale = torch.cat([vectors.get(t, torch.ones(d)) for t in QKV])
+            out[f"{prefix}h.{layer}.attn.c_attn.ia3_l"] = scale.reshape(3 * d, 1).contiguous()
+        if "ffn" in vectors:
+            out[f"{prefix}h.{layer}.mlp.c_proj.ia3_l"] = vectors["ffn"].reshape(1, 4 * d).contiguous()
+    modules = [m for m, wanted in (("attn.c_attn", {"c_attn", *QKV}), ("mlp.c_proj", {"ffn"}))
+               if wanted & set(method.ia3_targets)]
+    config = {**shared, "feedforward_modules": ["mlp.c_proj"] if "ffn" in method.ia3_targets else [],
+              "init_ia3_weights": True, "peft_type": "IA3", "target_modules": target_modules(modules, layers, gpt)}
     return config, out
 
 

@@ -141,6 +141,46 @@ def test_our_adapters_saved_in_peft_format_give_our_outputs_in_peft(tmp_path, co
     torch.testing.assert_close(our_outputs(back, ids, mask), expected, atol=1e-5, rtol=0)
 
 
+def test_an_ia3_adapter_built_with_peft_round_trips_both_ways(tmp_path):
+    """peft's GPT-2 default (IA3Config() on GPT-2: c_attn's output, mlp.c_proj's input)."""
+    peft_model, base_dir = peft_and_ours(tmp_path, peft.IA3Config(task_type="CAUSAL_LM"))
+    peft_model.save_pretrained(tmp_path / "from-peft")
+    ids, mask = batch(300)
+    expected = peft_outputs(peft_model.eval(), ids, mask)
+    ours = load_adapter(GPT2Model.from_pretrained(base_dir), tmp_path / "from-peft")
+    assert applied_methods(ours) == [MethodConfig("ia3", ia3_targets=("c_attn", "ffn"))]
+    torch.testing.assert_close(our_outputs(ours, ids, mask), expected, atol=1e-5, rtol=0)
+    save_adapter(ours, tmp_path / "to-peft", format="peft")
+    saved = load_file(tmp_path / "to-peft" / "adapter_model.safetensors")
+    original = load_file(tmp_path / "from-peft" / "adapter_model.safetensors")
+    assert saved.keys() == original.keys() and all(torch.equal(saved[k], original[k]) for k in saved)
+    reloaded = peft.PeftModel.from_pretrained(transformers.GPT2LMHeadModel.from_pretrained(base_dir).eval(),
+                                              tmp_path / "to-peft").eval()
+    torch.testing.assert_close(peft_outputs(reloaded, ids, mask), expected, atol=1e-5, rtol=0)
+
+
+def test_our_ia3_on_keys_and_values_saved_for_peft_gives_our_outputs(tmp_path):
+    reference = random_hf_model(small_hf_config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    base_dir = save_safetensors_with_prefix(reference, tmp_path / "base")
+    ours = apply_method(GPT2Model.from_pretrained(base_dir), MethodConfig("ia3", layers=[1, 2]))
+    perturb_trainable(ours, scale=0.3)
+    ids, mask = batch(300)
+    expected = our_outputs(ours, ids, mask)
+    save_adapter(ours, tmp_path / "adapter", format="peft")
+    in_peft = peft.PeftModel.from_pretrained(reference, tmp_path / "adapter").eval()
+    torch.testing.assert_close(peft_outputs(in_peft, ids, mask), expected, atol=1e-5, rtol=0)
+    back = load_adapter(GPT2Model.from_pretrained(base_dir), tmp_path / "adapter")  # as c_attn: peft's form
+    assert applied_methods(back) == [MethodConfig("ia3", ia3_targets=("c_attn", "ffn"), layers=[1, 2])]
+    torch.testing.assert_close(our_outputs(back, ids, mask), expected, atol=1e-5, rtol=0)
+
+
+def test_ia3_on_a_module_this_project_does_not_scale_is_refused(tmp_path):
+    peft_model, base_dir = peft_and_ours(tmp_path, peft.IA3Config(target_modules=["c_fc"], feedforward_modules=[]))
+    peft_model.save_pretrained(tmp_path / "from-peft")
+    with pytest.raises(ValueError, match="scaling the output of transformer.h.0.mlp.c_fc has no counterpart here"):
+        load_adapter(GPT2Model.from_pretrained(base_dir), tmp_path / "from-peft")
+
+
 # ------------------------------------------------------------------------------------------ refusals
 def write_peft_dir(directory, config: dict, tensors: dict):
     directory.mkdir(parents=True)
@@ -155,14 +195,14 @@ C_ATTN_0 = "base_model.model.transformer.h.0.attn.c_attn."
 
 
 @pytest.mark.parametrize("config, tensors, message", [
-    ({**LORA_CONFIG, "peft_type": "IA3"}, {}, "cannot convert: peft_type='IA3'"),
+    ({**LORA_CONFIG, "peft_type": "PREFIX_TUNING"}, {}, "cannot convert: peft_type='PREFIX_TUNING'"),
     ({**LORA_CONFIG, "bias": "all"}, {}, 'cannot convert: bias="all"'),
     ({**LORA_CONFIG, "modules_to_save": ["score"]}, {}, "modules_to_save"),
     ({**LORA_CONFIG, "target_modules": ["lm_head"]}, {"base_model.model.lm_head.lora_A.weight": torch.zeros(2, 64)},
-     "lm_head.lora_A.weight is not a LoRA tensor of a GPT-2 block's c_attn"),
+     "lm_head.lora_A.weight is not a tensor of a GPT-2 block's c_attn"),
     (LORA_CONFIG, {C_ATTN_0 + "lora_A.weight": torch.zeros(2, 64)}, "layer 0 attn.c_attn lacks B"),
     (LORA_CONFIG, {C_ATTN_0 + "lora_A.weight": torch.zeros(2, 64), C_ATTN_0 + "lora_B.weight": torch.zeros(192, 2),
-                   C_ATTN_0 + "lora_magnitude_vector": torch.ones(192)}, "DoRA magnitude, but the config says use_dora=false"),
+                   C_ATTN_0 + "lora_magnitude_vector": torch.ones(192)}, "has a DoRA magnitude, but the config says use_dora=false"),
     ({**LORA_CONFIG, "target_modules": ["c_fc"]},
      {C_ATTN_0 + "lora_A.weight": torch.zeros(2, 64), C_ATTN_0 + "lora_B.weight": torch.zeros(192, 2)},
      'which target_modules=\\["c_fc"\\] does not name'),
@@ -186,7 +226,7 @@ def test_saving_in_peft_format_refuses_what_peft_cannot_hold(tmp_path):
     from tests.fixtures.models import random_model
     from tests.test_peft import TinyClassifier
 
-    with pytest.raises(ValueError, match="peft's LoRA format holds lora and dora adapters; this model has loreft"):
+    with pytest.raises(ValueError, match="peft's format holds lora, dora and ia3 adapters here; this model has loreft"):
         save_adapter(apply_method(random_model("tiny"), MethodConfig("loreft")), tmp_path / "a", format="peft")
     with pytest.raises(ValueError, match=r"also trains head.weight, head.bias \(its task head\)"):
         save_adapter(TinyClassifier(apply_method(random_model("tiny"), MethodConfig("lora"))), tmp_path / "b", format="peft")
