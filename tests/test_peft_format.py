@@ -230,7 +230,7 @@ def test_saving_in_peft_format_refuses_what_peft_cannot_hold(tmp_path):
         save_adapter(apply_method(random_model("tiny"), MethodConfig("loreft")), tmp_path / "a", format="peft")
     with pytest.raises(ValueError, match=r"also trains head.weight, head.bias \(its task head\)"):
         save_adapter(TinyClassifier(apply_method(random_model("tiny"), MethodConfig("lora"))), tmp_path / "b", format="peft")
-    with pytest.raises(ValueError, match="adapter format must be 'native' or 'peft', got 'pyreft2'"):
+    with pytest.raises(ValueError, match="save_adapter: format must be one of native, pyreft, peft, got 'pyreft2'"):
         save_adapter(random_model("tiny"), tmp_path / "c", format="pyreft2")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 

@@ -248,7 +248,7 @@ def test_what_pyreft_s_files_cannot_hold_is_refused(tmp_path, build, message):
 
 
 def test_format_and_directory_recognition(tmp_path):
-    with pytest.raises(ValueError, match="format must be one of native, pyreft, got 'peft-ish'"):
+    with pytest.raises(ValueError, match="format must be one of native, pyreft, peft, got 'peft-ish'"):
         save_adapter(fresh(MethodConfig("loreft")), tmp_path / "x", format="peft-ish")
     native = save_adapter(fresh(MethodConfig("loreft")), tmp_path / "native")
     assert not is_pyreft_directory(native)
