@@ -70,11 +70,12 @@ def generate(
         raise ValueError("generate: every prompt needs at least one token")
     device = model.wte.weight.device
     batch, prompt_length = len(prompts), max(len(p) for p in prompts)
-    total = prompt_length + sampling.max_new_tokens
+    total = model.virtual_length + prompt_length + sampling.max_new_tokens  # the cache holds virtual tokens too
     if total > model.config.n_positions:
+        virtual = f" + the method's virtual tokens ({model.virtual_length})" if model.virtual_length else ""
         raise ValueError(
-            f"generate: prompt ({prompt_length} tokens) + max_new_tokens ({sampling.max_new_tokens}) exceeds the "
-            f"model context of {model.config.n_positions}"
+            f"generate: prompt ({prompt_length} tokens) + max_new_tokens ({sampling.max_new_tokens}){virtual} exceeds "
+            f"the model context of {model.config.n_positions}"
         )
     ids, mask = pad_sequences(prompts, pad_token_id, side="left", device=device)
 

@@ -26,6 +26,7 @@ from modules.attention import build_attention_mask
 from modules.context import ForwardContext
 from modules.gpt2_layer import GPT2Layer
 from modules.kv_cache import KVCache
+from modules.virtual_tokens import VirtualTokens
 
 PRECISIONS = ("fp32", "bf16")
 PRECISION_CHOICES = ("auto",) + PRECISIONS  # what command lines offer: auto resolves per device
@@ -66,6 +67,9 @@ class GPT2Model(nn.Module):
         # True where a frozen cache stores `gradient_free_prefix`'s output: it then runs without dropout, and
         # evaluation takes the same prefix/suffix split as training so that it can reuse it.
         self.prefix_cacheable = False
+        # Trained positions before every sequence (a soft prompt or a prefix, modules/virtual_tokens.py), set by a
+        # method through add_virtual_tokens; None without.
+        self.add_module("virtual_tokens", None)
         self.apply(self._init_weights)
         # GPT-2's scaled init: each residual branch's output projection shrinks with depth, so the
         # residual stream's variance does not grow with the number of layers.
@@ -81,10 +85,35 @@ class GPT2Model(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    # ------------------------------------------------------------------ virtual tokens
+    def add_virtual_tokens(self, part: VirtualTokens) -> None:
+        """Gives the model `part`'s virtual tokens, which every sequence's first chunk then starts with."""
+        if not isinstance(part, VirtualTokens):
+            raise TypeError(f"add_virtual_tokens expects a VirtualTokens module, got {type(part).__name__}")
+        if self.virtual_tokens is not None:
+            raise ValueError(f"this model already has {self.virtual_tokens.length} virtual tokens "
+                             f"({type(self.virtual_tokens).__name__}); a model takes at most one soft prompt or prefix")
+        self.virtual_tokens = part
+
+    @property
+    def virtual_length(self) -> int:
+        """How many positions the virtual tokens occupy before every sequence's real tokens (0 without)."""
+        return 0 if self.virtual_tokens is None else self.virtual_tokens.length
+
+    @property
+    def input_capacity(self) -> int:
+        """The most real tokens one sequence can hold: the context less the virtual tokens."""
+        return self.config.n_positions - self.virtual_length
+
     # ------------------------------------------------------------------ forward
-    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor,
+              virtual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Token + position embeddings; `virtual` (n, d) embeddings come first, as n more columns."""
         # The residual stream is kept in fp32 even when the embedding table is stored in bf16.
-        return self.drop(self.wte(input_ids).float() + self.wpe(positions).float())
+        tokens = self.wte(input_ids).float()
+        if virtual is not None:
+            tokens = torch.cat([virtual.float().expand(input_ids.shape[0], -1, -1), tokens], dim=1)
+        return self.drop(tokens + self.wpe(positions).float())
 
     def encode(self, hidden: torch.Tensor, ctx: ForwardContext, start: int = 0) -> torch.Tensor:
         """Runs layers `start`.. and the final LayerNorm on the hidden states entering layer `start` (n_layer: the
@@ -99,7 +128,7 @@ class GPT2Model(nn.Module):
         n_layer + 1: through the final LayerNorm too); what a cache of the frozen layers stores (`frozen_cache`)."""
         ctx = self.make_context(input_ids, attention_mask, None, prompt_mask)
         with self.autocast():
-            hidden = self.embed(input_ids, self._positions(input_ids, ctx))
+            hidden = self.embed(input_ids, self._positions(ctx, input_ids.shape[1]))
             for layer in self.h[:stop]:
                 hidden = layer(hidden, ctx)
             return self.ln_f(hidden) if stop > self.config.n_layer else hidden
@@ -120,7 +149,9 @@ class GPT2Model(nn.Module):
                 boundary = min(boundary, n_layer)
             else:
                 return 0  # the embeddings, or what a method added around the layers (virtual tokens, prefixes)
-        return boundary
+        # Virtual tokens, trained or not, add input columns or keys below every layer, which hidden states
+        # entering a layer (as `hidden_states_entering` computes them for the real tokens) would leave out.
+        return 0 if self.virtual_tokens is not None else boundary
 
     def set_dropout_below(self, boundary: int) -> "GPT2Model":
         """Turns dropout off in the embeddings and layers 0..boundary-1 (every nn.Dropout there, and attention
@@ -150,18 +181,31 @@ class GPT2Model(nn.Module):
         first chunk and to none for a continuation (a decoding step). `entering` = (start, hidden): the hidden states
         (B, T, d) entering layer `start`, computed elsewhere, so that the layers below are skipped; without it, a
         first chunk asks `frozen_cache` (when one is attached) for them.
+
+        A sequence's first chunk (no cache, or an empty one) starts with the virtual tokens, if any: positions
+        0..n-1 are theirs and the real tokens follow at n, n+1, ... (counting real tokens only, whatever the
+        padding). The outputs cover the real tokens only.
         """
-        ctx = self.make_context(input_ids, attention_mask, cache, prompt_mask)
+        virtual = self.virtual_tokens if cache is None or cache.length == 0 else None
+        embeddings = None if virtual is None else virtual.input_embeddings()
+        key_values = None if virtual is None else virtual.key_values()
+        extra_inputs = 0 if embeddings is None else embeddings.shape[0]
+        extra_keys = 0 if key_values is None else key_values.shape[3]
+        ctx = self.make_context(input_ids, attention_mask, cache, prompt_mask, extra_inputs, extra_keys)
+        ctx.virtual_key_values = key_values
+        if self.virtual_tokens is not None and self.virtual_tokens.keyless_layers:  # every chunk of the sequence
+            ctx.virtual_keys, ctx.keyless_layers = self.virtual_tokens.length, self.virtual_tokens.keyless_layers
         if entering is None and cache is None and self.frozen_cache is not None:
             entering = self.frozen_cache.entering(self, input_ids, attention_mask, ctx.prompt_mask)
         with self.autocast():
             if entering is None:
-                start, hidden = 0, self.embed(input_ids, self._positions(input_ids, ctx))
+                positions = self._positions(ctx, extra_inputs + input_ids.shape[1])
+                start, hidden = 0, self.embed(input_ids, positions, embeddings)
             else:
                 start, hidden = entering
-            hidden = self.encode(hidden, ctx, start)
+            hidden = self.encode(hidden, ctx, start)[:, extra_inputs:]
         if cache is not None:
-            cache.advance(input_ids.shape[1])
+            cache.advance(extra_keys + extra_inputs + input_ids.shape[1])
         return {"last_hidden_state": hidden, "last_token": last_real_token(hidden, attention_mask)}
 
     def last_token(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -182,7 +226,8 @@ class GPT2Model(nn.Module):
         """k when every trainable parameter of the model belongs to modules that act on each row's last k prompt
         tokens only: then training can change the hidden states of those tokens only. A module says so through a
         `suffix_reach` attribute (k, or None when it acts elsewhere too; modules/reft.py's interventions have
-        one). None when anything else trains (a weight, an intervention at 'all' or first tokens) or nothing does."""
+        one). None when anything else trains (a weight, an intervention at 'all' or first tokens, virtual tokens,
+        which every token attends to) or nothing does."""
         k, covered = 0, set()
         for module in self.modules():
             if hasattr(type(module), "suffix_reach"):
@@ -229,7 +274,7 @@ class GPT2Model(nn.Module):
         run once over whole rows. With `prefix_cacheable` the prefix runs without dropout, so that its keys and
         values are the same every epoch (a frozen cache may then store them)."""
         batch, length = input_ids.shape
-        cache = KVCache.for_model(self.config, batch, length)
+        cache = KVCache.for_model(self.config, batch, self.virtual_length + length)
         start, hidden = self.frozen_boundary(), None
         was_training = self.training
         with torch.no_grad():
@@ -251,14 +296,19 @@ class GPT2Model(nn.Module):
         with self.autocast():
             return hidden @ self.wte.weight.t()
 
-    def make_context(self, input_ids, attention_mask, cache, prompt_mask) -> ForwardContext:
+    def make_context(self, input_ids, attention_mask, cache, prompt_mask, extra_inputs: int = 0,
+                     extra_keys: int = 0) -> ForwardContext:
+        """The chunk's masks; `extra_inputs` virtual columns come before its tokens, or `extra_keys` virtual keys
+        before its keys (virtual tokens: always real, never prompt positions)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
-        length = input_ids.shape[1]
+        batch, length = input_ids.shape
         past = cache.length if cache is not None else 0
-        if past + length > self.config.n_positions:
+        total = past + extra_inputs + extra_keys + length
+        if total > self.config.n_positions:
+            virtual = f" ({self.virtual_length} of them the method's virtual tokens)" if self.virtual_length else ""
             raise ValueError(
-                f"sequence of {past + length} tokens exceeds the model context of {self.config.n_positions}; "
+                f"sequence of {total} tokens{virtual} exceeds the model context of {self.config.n_positions}; "
                 "truncate the input (the tokenizer's max_length does this)"
             )
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
@@ -268,10 +318,18 @@ class GPT2Model(nn.Module):
         chunk_real = (
             torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         )
-        all_real = chunk_real if cache is None else cache.extend_padding_mask(chunk_real)
-        padded = not bool(all_real.all())
         if prompt_mask is None and past == 0:
             prompt_mask = chunk_real
+        if prompt_mask is not None:
+            prompt_mask = prompt_mask.bool()
+        virtual = chunk_real.new_ones(batch, extra_inputs + extra_keys)
+        if extra_inputs:
+            chunk_real = torch.cat([virtual, chunk_real], dim=1)
+            prompt_mask = None if prompt_mask is None else torch.cat([~virtual, prompt_mask], dim=1)
+        keys_real = torch.cat([virtual, chunk_real], dim=1) if extra_keys else chunk_real
+        all_real = keys_real if cache is None else cache.extend_padding_mask(keys_real)
+        padded = not bool(all_real.all())
+        past, length = past + extra_keys, chunk_real.shape[1]
         if not padded and past == 0:
             attn_mask, is_causal = None, length > 1  # the fused causal kernel, no mask tensor
         elif not padded and length == 1:
@@ -280,20 +338,23 @@ class GPT2Model(nn.Module):
             attn_mask, is_causal = build_attention_mask(all_real, length, past), False
         return ForwardContext(
             padding_mask=chunk_real if padded else None,
-            prompt_mask=None if prompt_mask is None else prompt_mask.bool(),
+            prompt_mask=prompt_mask,
             attn_mask=attn_mask,
             is_causal=is_causal,
             cache=cache,
             past_length=past,
         )
 
-    def _positions(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        # Positions count real tokens only, so a left-padded row sees the same positions as when run alone
-        # (for right padding this is the usual 0..T-1 at every real token).
-        length = input_ids.shape[1]
-        if ctx.attn_mask is None:
-            return torch.arange(ctx.past_length, ctx.past_length + length, device=input_ids.device)[None]
-        real = ctx.cache.padding_mask[:, : ctx.past_length + length] if ctx.cache is not None else ctx.padding_mask
+    def _positions(self, ctx: ForwardContext, length: int) -> torch.Tensor:
+        """(B or 1, length): the chunk's positions. They count real tokens only, so a left-padded row sees the same
+        positions as when run alone (for right padding this is the usual past..past+length-1 at every real token)."""
+        if ctx.padding_mask is None:  # nothing padded anywhere in the sequence
+            return torch.arange(ctx.past_length, ctx.past_length + length, device=self.wpe.weight.device)[None]
+        if ctx.cache is not None:
+            real = ctx.cache.padding_mask[:, : ctx.past_length + length]
+        else:  # the only keys before the chunk are virtual ones, always real
+            earlier = ctx.padding_mask.new_ones(ctx.padding_mask.shape[0], ctx.past_length)
+            real = torch.cat([earlier, ctx.padding_mask], dim=1)
         return (real.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
 
     # ------------------------------------------------------------------ dropout and precision

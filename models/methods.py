@@ -10,6 +10,7 @@ adapter files then know it. `python -m models.method_table` prints the README's 
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from models.registry import (
@@ -39,16 +40,22 @@ from models.registry import (
     probability,
     register_method,
     registered_methods,
+    saved_form,
     subset_of,
+    tokenize_text_options,
 )
 from modules.adapted_linear import target_overlap
 from modules.ia3 import IA3_TARGETS, IA3GPT2Layer
+from modules.kv_cache import KVCache
 from modules.lora import LORA_TARGETS, LoRAGPT2Layer
+from modules.prefix import KeyValuePrefix
 from modules.reft import ACTIVATIONS, COMPONENTS, POSITIONS_RULE, PositionedIntervention, ReFTGPT2Layer, parse_positions
+from modules.soft_prompt import ENCODERS, EncodedPrompt, SoftPrompt
 
 __all__ = ["EXAMPLE_COMBINATION", "MethodConfig", "Method", "Option", "OptionError", "OPTIONS", "combination_name", "define_option",
            "describe_default", "flag_options", "get_method", "method_from_json", "method_names", "method_parts",
-           "method_to_json", "parse_combination", "parse_methods", "register_method", "registered_methods"]
+           "method_to_json", "parse_combination", "parse_methods", "register_method", "registered_methods", "saved_form",
+           "tokenize_text_options"]
 
 
 # ------------------------------------------------------------------------------------------------- options
@@ -95,6 +102,19 @@ def projection_targets(choices: dict):
     return check
 
 
+def text(value) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"must be a non-empty text, got {value!r}")
+    return value
+
+
+def token_ids(value) -> tuple[int, ...]:
+    items = tuple(value) if isinstance(value, (list, tuple)) else None
+    if not items or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in items):
+        raise ValueError(f"must be a non-empty list of token ids, got {value!r}")
+    return items
+
+
 def check_positions(value: str) -> str:
     try:
         parse_positions(value)
@@ -125,6 +145,18 @@ for _option in (
     Option("activation", "ReFT: activation inside the intervention", "--activation", check=one_of(tuple(ACTIVATIONS)),
            choices=tuple(ACTIVATIONS)),
     Option("name", "ReFT: the adapter's name, so that several adapters can share a model"),
+    Option("num_virtual_tokens", "soft prompts and prefixes: how many virtual tokens come before every input",
+           "--num-virtual-tokens", parse_int, at_least_one),
+    Option("prompt_init_text", "soft prompts and prefixes: start from this text's tokens (repeated to the length) "
+           "instead of random vocabulary tokens", "--prompt-init-text", check=text, unset="random tokens",
+           tokenized_into="prompt_init_ids"),
+    Option("prompt_init_ids", "the token ids of prompt_init_text under the run's tokenizer (apply_method fills them "
+           "in when given the tokenizer)", check=token_ids, unset="from the text"),
+    Option("encoder", "P-tuning: the prompt encoder", "--encoder", check=one_of(ENCODERS), choices=ENCODERS),
+    Option("encoder_hidden", "P-tuning: the prompt encoder's hidden width", "--encoder-hidden", parse_int,
+           at_least_one),
+    Option("prefix_projection", "prefix: reparametrise the prefix while training as an MLP of this hidden width "
+           "(folded away when saved)", "--prefix-projection", parse_int, at_least_one, unset="off"),
 ):
     define_option(_option)
 
@@ -189,6 +221,54 @@ def reft_applier(orthogonal: bool, subtract_projection: bool, linear_source: boo
     return add_interventions
 
 
+def initial_token_ids(gpt, config) -> torch.Tensor:
+    """The n tokens virtual tokens start from: the init text's (cycled to n), else n random vocabulary tokens."""
+    n, vocab = config.num_virtual_tokens, gpt.config.vocab_size
+    if config.prompt_init_ids is not None:
+        ids = list(config.prompt_init_ids)
+        if max(ids) >= vocab:
+            raise ValueError(f"prompt_init_ids holds token {max(ids)}, beyond this model's vocabulary of {vocab}")
+        ids = (ids * (n // len(ids) + 1))[:n]
+    elif config.prompt_init_text is not None:
+        raise ValueError("--prompt-init-text needs the run's tokenizer: pass it to apply_method(gpt, config, "
+                         "tokenizer=...), or give prompt_init_ids")
+    else:
+        ids = torch.randint(0, vocab, (n,)).tolist()
+    return torch.tensor(ids, device=gpt.wte.weight.device)
+
+
+def initial_embeddings(gpt, config) -> torch.Tensor:
+    return gpt.wte.weight.detach()[initial_token_ids(gpt, config)].float()
+
+
+def add_soft_prompt(gpt, config, layers) -> None:
+    gpt.add_virtual_tokens(SoftPrompt(initial_embeddings(gpt, config)))
+
+
+def add_encoded_prompt(gpt, config, layers) -> None:
+    gpt.add_virtual_tokens(EncodedPrompt(initial_embeddings(gpt, config), config.encoder, config.encoder_hidden))
+
+
+def add_prefix(gpt, config, layers) -> None:
+    """Without a projection the prefix starts as the keys and values the frozen model gives the initial tokens
+    (Li & Liang's initialisation from real words): a hard prompt, which training then moves."""
+    c = gpt.config
+    if config.prefix_projection is not None:
+        initial = initial_embeddings(gpt, config)
+    elif gpt.wte.weight.is_meta:  # a skeleton (shapes only): nothing to compute
+        initial = torch.empty(len(layers), 2, c.n_head, config.num_virtual_tokens, c.head_dim, device="meta")
+    else:
+        ids = initial_token_ids(gpt, config)
+        cache = KVCache.for_model(c, 1, gpt.virtual_length + len(ids))
+        was_training = gpt.training
+        with torch.no_grad():
+            gpt.eval()(ids[None], cache=cache)
+        gpt.train(was_training)
+        initial = torch.stack([cache.keys[layers, 0], cache.values[layers, 0]], dim=1)[..., -len(ids):, :].float()
+    gpt.add_virtual_tokens(KeyValuePrefix(c.n_layer, c.n_head, initial, config.prefix_projection,
+                                          None if config.layers is None else layers))
+
+
 def alpha_equals_rank(options: dict) -> float:
     """= rank"""
     return float(options["rank"])
@@ -233,6 +313,17 @@ for _method in (
     Method("lobireft", "`h + R^T b`, R orthonormal: a trained shift within R's subspace",
            reft_applier(orthogonal=True, subtract_projection=False, linear_source=False), CONSTANT_SOURCE_OPTIONS,
            stacks=True, family="reft"),
+    Method("prompt", "n virtual token embeddings before every input (prompt tuning)", add_soft_prompt,
+           {"num_virtual_tokens": 20, "prompt_init_text": None, "prompt_init_ids": None}, lr=1e-2, family="prompt"),
+    Method("ptuning", "n virtual token embeddings made by a prompt encoder (P-tuning); saved folded as `prompt`'s "
+           "n x d embeddings", add_encoded_prompt, {"num_virtual_tokens": 20, "encoder": "mlp", "encoder_hidden": 768},
+           lr=1e-3, family="prompt",
+           saved_as=lambda config: MethodConfig("prompt", num_virtual_tokens=config.num_virtual_tokens)),
+    Method("prefix", "keys and values of n virtual positions in each chosen layer's attention (prefix tuning); a "
+           "projection, if any, is folded away when saved", add_prefix,
+           {"layers": None, "num_virtual_tokens": 20, "prompt_init_text": None, "prompt_init_ids": None, "prefix_projection": None},
+           lr=5e-3, family="prompt",
+           saved_as=lambda config: MethodConfig.from_dict({**config.to_dict(), "prefix_projection": None})),
 ):
     register_method(_method)
 

@@ -26,7 +26,8 @@ from data.atomic import atomic_save
 from models import pyreft_format
 from models.base_identity import base_identity, check_same_base
 from models.gpt2 import GPT2Model
-from models.methods import MethodConfig, combination_name, method_from_saved, method_parts, registered_methods
+from models.methods import (MethodConfig, combination_name, method_from_saved, method_parts, registered_methods,
+                            saved_form, tokenize_text_options)
 from models.peft_format import PEFT_CONFIG, PEFT_WEIGHTS, is_peft_adapter, peft_adapter_files, read_peft_adapter
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
@@ -49,14 +50,17 @@ ALONE = ("base", "head")  # families that cannot share a model with any other me
 AT_MOST_ONE = {"weights": "weight-space method", "prompt": "soft-prompt method"}
 
 
-def apply_method(gpt: GPT2Model, config: MethodConfig | Sequence[MethodConfig]) -> GPT2Model:
+def apply_method(gpt: GPT2Model, config: MethodConfig | Sequence[MethodConfig], tokenizer=None) -> GPT2Model:
     """Applies a method, or a combination (a list of MethodConfigs, one per part), to `gpt` in place and records
     the parts in `gpt.peft_methods`. The base is frozen first, together with whatever an earlier call applied;
     the parts of this call are then the only trainable GPT-2 parameters (check_combination says which parts
-    can share a model)."""
+    can share a model). With a `tokenizer`, text options (--prompt-init-text) are recorded with their token ids,
+    so the record needs no tokenizer."""
     if not isinstance(gpt, GPT2Model):
         raise TypeError(f"apply_method expects a GPT2Model, got {type(gpt).__name__}")
     parts, applied = method_parts(config), applied_methods(gpt)
+    if tokenizer is not None:
+        parts = [tokenize_text_options(part, tokenizer) for part in parts]
     check_can_apply(gpt, parts)
     layers = [resolve_layers(part.layers, gpt.config.n_layer) for part in parts]
     order = sorted(range(len(parts)), key=lambda i: APPLY_ORDER.index(parts[i].spec.family))
@@ -164,6 +168,30 @@ def set_lora_merged(gpt: GPT2Model, merged: bool) -> None:
             module.merge() if merged else module.unmerge()
 
 
+def virtual_positions(config: MethodConfig) -> int:
+    """How many positions `config` puts before every input (its virtual tokens: soft prompts, prefixes), known
+    before it is applied, so that a task can leave them room in the context."""
+    return config.num_virtual_tokens or 0
+
+
+def fold_methods(gpt: GPT2Model) -> GPT2Model:
+    """Replaces every training-only reparametrisation (P-tuning's encoder, a prefix projection: modules with
+    `folded()`) by the plain tensors it produces, and records the methods as their saved forms: the model is then
+    what its adapter file reloads as, with the same outputs."""
+    for name, module in list(gpt.named_modules()):
+        if callable(getattr(module, "folded", None)):
+            folded = module.folded()
+            if folded is not module:
+                parent, _, attribute = name.rpartition(".")
+                setattr(gpt.get_submodule(parent), attribute, folded.to(gpt.wte.weight.device).train(module.training))
+                old = {id(p) for p in module.parameters()}  # each method's parameters: the folded ones replace them
+                gpt.peft_parameters = [[p for p in params if id(p) not in old]
+                                       + (list(folded.parameters()) if any(id(p) in old for p in params) else [])
+                                       for params in getattr(gpt, "peft_parameters", [])]
+    gpt.peft_methods = [saved_form(m) for m in applied_methods(gpt)]
+    return gpt
+
+
 # ---------------------------------------------------------------------------------------- counting
 def parameter_summary(module: nn.Module) -> dict:
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
@@ -194,11 +222,25 @@ def trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
 
 
+def adapter_tensors(model: nn.Module, gpt: GPT2Model) -> dict[str, torch.Tensor]:
+    """The tensors an adapter file keeps: every applied method's parts (`adapter_parts`) and whatever else trains,
+    where a part with a training-only reparametrisation (a module with `folded()`) contributes its folded form's
+    tensors instead of its own."""
+    tensors = {**adapter_parts(model, gpt), **trained_tensors(model)}
+    for name, module in model.named_modules():
+        prefix = name + "."
+        if callable(getattr(module, "folded", None)) and any(key.startswith(prefix) for key in tensors):
+            tensors = {key: t for key, t in tensors.items() if not key.startswith(prefix)}
+            tensors.update({prefix + key: p.detach().cpu().contiguous() for key, p in module.folded().named_parameters()})
+    return tensors
+
+
 def save_adapter(model: nn.Module, directory: str | Path, format: str = "native") -> Path:
     """Saves the trainable tensors of `model` (the method's parts and any task head) to adapter.safetensors
     and the applied methods with the base model's shape to adapter_config.json. Returns the directory.
     `format="pyreft"` writes pyreft's files instead (ReFT-family interventions only; models/pyreft_format.py);
-    `format="peft"` peft's LoRA/DoRA/(IA)^3 format (models/peft_format.py), which peft loads."""
+    `format="peft"` peft's LoRA/DoRA/(IA)^3 format (models/peft_format.py), which peft loads.
+    A training-only reparametrisation is saved folded (`adapter_tensors`), as the method's saved form."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -209,12 +251,12 @@ def save_adapter(model: nn.Module, directory: str | Path, format: str = "native"
         return pyreft_format.save_pyreft(model, gpt, applied_methods(gpt), directory)
     if format == "peft":
         return save_peft_adapter(model, directory)
-    tensors = {**adapter_parts(model, gpt), **trained_tensors(model)}
+    tensors = adapter_tensors(model, gpt)
     atomic_save(lambda temp: save_file(tensors, temp, metadata={"format": ADAPTER_FORMAT}), directory / ADAPTER_WEIGHTS)
     config = {
         "format": ADAPTER_FORMAT,
         "version": ADAPTER_VERSION,
-        "methods": [m.to_dict() for m in applied_methods(gpt)] or [MethodConfig("full").to_dict()],
+        "methods": [saved_form(m).to_dict() for m in applied_methods(gpt)] or [MethodConfig("full").to_dict()],
         "base": base_shape(gpt),
         "base_model": base_identity(gpt),  # name or path, and a fingerprint of the weights it was trained on
         "tensors": len(tensors),
@@ -379,11 +421,16 @@ def install_adapter(model: nn.Module, gpt: GPT2Model, methods: list[MethodConfig
     after checking every name and shape, so that a file that does not fit leaves the model as it was. `config` is
     the adapter's (its tensor count and version are checked)."""
     applied = applied_methods(gpt)
-    check_against_applied(methods, applied, tensors, model)
-    missing = [m for m in methods if m not in applied]
-    if missing:
-        check_can_apply(gpt, missing)  # the combination rule, before a skeleton is built
-        shapes, expected = skeleton_parameters(model, gpt, applied + missing, wanted=methods)
+    # A model holding the training form of a saved method (the trainer reloading its best epoch) is folded first.
+    folded = [saved_form(m) for m in applied]
+    fold = any(m in methods and m not in applied for m in folded)
+    target = folded if fold else applied
+    check_against_applied(methods, target, tensors, model)
+    missing = [m for m in methods if m not in target]
+    if missing or fold:
+        if missing:
+            check_can_apply(gpt, missing)  # the combination rule, before a skeleton is built
+        shapes, expected = skeleton_parameters(model, gpt, target + missing, wanted=methods)
     else:  # the methods are there already: check against the model itself (and the tensor count)
         shapes, expected = {key: p.shape for key, p in model.named_parameters()}, set()
     unknown = sorted(k for k in tensors if k not in shapes)
@@ -408,7 +455,7 @@ def install_adapter(model: nn.Module, gpt: GPT2Model, methods: list[MethodConfig
                     modules[owner].upgrade_saved(config["version"])
         return [params[key] for key in tensors]
 
-    return apply_loaded(model, gpt, missing, copy, trainable, directory, methods)
+    return apply_loaded(model, gpt, missing, copy, trainable, directory, methods, fold)
 
 
 def load_pyreft_files(model: nn.Module, directory: Path, name: Optional[str], trainable: bool,
@@ -420,11 +467,14 @@ def load_pyreft_files(model: nn.Module, directory: Path, name: Optional[str], tr
 
 
 def apply_loaded(model: nn.Module, gpt: GPT2Model, missing: list[MethodConfig], copy, trainable: bool,
-                 directory: Path, methods: list[MethodConfig]) -> nn.Module:
-    """Applies the `missing` methods, then `copy()` fills in the loaded tensors and returns the parameters it
-    filled: those are frozen unless `trainable`; every other parameter keeps the trainability it had."""
+                 directory: Path, methods: list[MethodConfig], fold: bool = False) -> nn.Module:
+    """Folds the model first with `fold` (fold_methods), applies the `missing` methods, then `copy()` fills in the
+    loaded tensors and returns the parameters it filled: those are frozen unless `trainable`; every other
+    parameter keeps the trainability it had."""
     applied = applied_methods(gpt)
     flags = {param: param.requires_grad for param in model.parameters()}
+    if fold:
+        fold_methods(gpt)
     if missing:
         apply_method(gpt, missing)  # one call, as a combination is applied
     loaded = copy()

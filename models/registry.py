@@ -38,6 +38,9 @@ class Option:
     switch: Any = None  # a flag that takes no value sets this (True; False for --untie-positions)
     choices: Optional[tuple] = None  # the values the flag accepts, for --help
     label: Optional[str] = None  # how messages name the option ('LoRA targets'); default: its name
+    unset: str = "all"  # how help and the README show a default of None ('all' layers, 'off')
+    tokenized_into: Optional[str] = None  # a text option: the option that holds its token ids under the run's
+    #                                       tokenizer (filled in by tokenize_text_options)
 
     def __post_init__(self):
         if self.label is None:
@@ -48,7 +51,7 @@ class Option:
         default is what the flag sets."""
         if self.switch is not None:
             return "on" if default == self.switch else "off"
-        return describe_default(default)
+        return self.unset if default is None else describe_default(default)
 
     def normalise(self, value: Any) -> Any:
         if self.check is None:
@@ -72,6 +75,8 @@ class Method:
     stacks: bool = False  # several stacking methods can share one model, each under its own `name` option
     family: str = "weights"  # what it changes: "base" (all of GPT-2), "head" (nothing inside GPT-2), "weights"
     #                          (GPT-2's weights or their updates), "reft" (hidden states), "prompt" (virtual tokens)
+    saved_as: Optional[Callable] = None  # config -> the config an adapter file records, for a method whose
+    #                                      training-only reparametrisation folds away (its modules' `folded()`)
 
 
 FAMILIES = ("base", "head", "weights", "reft", "prompt")
@@ -106,6 +111,25 @@ def register_method(method: Method) -> Method:
         raise ValueError(f"method {method.name!r} stacks, so it needs the 'name' option")
     METHODS[method.name] = method
     return method
+
+
+def saved_form(config: "MethodConfig") -> "MethodConfig":
+    """The method as its adapter file records it: itself, or what its training form folds into."""
+    saved_as = config.spec.saved_as
+    return config if saved_as is None else saved_as(config)
+
+
+def tokenize_text_options(config: "MethodConfig", tokenizer) -> "MethodConfig":
+    """A copy of `config` whose text options (`Option.tokenized_into`) have their token ids under `tokenizer`."""
+    options = dict(config.options)
+    for name, text in config.options.items():
+        target = OPTIONS[name].tokenized_into
+        if target is not None and text is not None:
+            ids = tokenizer.encode(text)
+            if not ids:
+                raise OptionError(OPTIONS[name], f"gives no tokens, got {text!r}")
+            options[target] = ids
+    return MethodConfig(config.method, **options)
 
 
 def get_method(name: str) -> Method:

@@ -35,16 +35,25 @@ class CausalSelfAttention(nn.Module):
         batch, length, _ = x.shape
         query, key, value = self.c_attn(x).split(self.n_embd, dim=-1)
         query, key, value = map(self._split_heads, (query, key, value))
+        if ctx.virtual_key_values is not None:  # a sequence's first chunk, after a prefix (cached with it)
+            prefix = ctx.virtual_key_values[self.layer_idx].to(key.dtype)
+            key = torch.cat([prefix[0].expand(batch, -1, -1, -1), key], dim=2)
+            value = torch.cat([prefix[1].expand(batch, -1, -1, -1), value], dim=2)
         if ctx.cache is not None:
             key, value = ctx.cache.update(self.layer_idx, key, value)
+        attn_mask = ctx.attn_mask
+        if self.layer_idx in ctx.keyless_layers:  # the virtual key slots are placeholders in this layer
+            skip = ctx.virtual_keys
+            key, value = key[:, :, skip:], value[:, :, skip:]
+            attn_mask = None if attn_mask is None else attn_mask[..., skip:]
 
         dropout = self.dropout if self.training else 0.0
         if self.use_sdpa:
             out = F.scaled_dot_product_attention(
-                query, key, value, attn_mask=ctx.attn_mask, dropout_p=dropout, is_causal=ctx.is_causal
+                query, key, value, attn_mask=attn_mask, dropout_p=dropout, is_causal=ctx.is_causal
             )
         else:
-            out = plain_attention(query, key, value, ctx.attn_mask, ctx.is_causal, dropout)
+            out = plain_attention(query, key, value, attn_mask, ctx.is_causal, dropout)
         out = out.transpose(1, 2).reshape(batch, length, self.n_embd)
         return self.resid_dropout(self.c_proj(out))
 

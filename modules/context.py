@@ -22,7 +22,14 @@ class ForwardContext:
     attn_mask: Optional[torch.Tensor]
     is_causal: bool
     cache: Optional["KVCache"] = None
-    past_length: int = 0
+    past_length: int = 0  # keys before this chunk's: cached ones and virtual ones (a prefix's)
+    # (n_layer, 2, n_head, n, head_dim): a prefix's keys and values, which every layer's attention puts before
+    # this chunk's own (modules/virtual_tokens.py); None when the chunk brings none.
+    virtual_key_values: Optional[torch.Tensor] = None
+    # The first `virtual_keys` keys of every layer's sequence are virtual; the layers in `keyless_layers` have
+    # none of their own there (a prefix on chosen layers only), so their attention leaves those keys out.
+    virtual_keys: int = 0
+    keyless_layers: frozenset = frozenset()
     # Per-forward memo for derived tensors (e.g. intervention positions), so that twelve layers asking
     # the same question compute the answer once.
     memo: dict = field(default_factory=dict)

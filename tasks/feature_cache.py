@@ -306,7 +306,9 @@ def attach(model: nn.Module, gpt, enabled: bool, memory_budget: Optional[int], d
     `set_head_dropout`). Returns None, changing nothing, when disabled or when nothing below a trainable
     parameter is worth storing (layer 0 or the embeddings train)."""
     boundary, suffix_mode = gpt.frozen_boundary(), gpt.trainable_suffix_length() is not None
-    if not enabled or (boundary == 0 and not suffix_mode):
+    # Virtual tokens (a soft prompt, a prefix) put positions before every row that the stored entries, keyed and
+    # laid out by the real tokens, do not hold: no cache, even when they are frozen.
+    if not enabled or gpt.virtual_length or (boundary == 0 and not suffix_mode):
         return None
     gpt.set_dropout_below(boundary)
     gpt.prefix_cacheable = suffix_mode

@@ -105,7 +105,7 @@ class SonnetTask(Task):
         texts = []
         for start in range(0, len(examples), config.eval_batch_size):
             batch = examples[start:start + config.eval_batch_size]
-            room = model.config.n_positions - max(e.length for e in batch)
+            room = model.input_capacity - max(e.length for e in batch)  # a method's virtual tokens take room too
             sampling = SamplingConfig(max_new_tokens=min(config.max_new_tokens, room), do_sample=True,
                                       temperature=config.temperature, top_p=config.top_p, stop_token_id=eos)
             new_tokens = generate(model, [e.input_ids for e in batch], sampling, pad_token_id=eos, generator=generator)

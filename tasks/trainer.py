@@ -40,6 +40,7 @@ from models.peft import (
     save_adapter,
     trainable_by_method,
     trained_tensors,
+    virtual_positions,
 )
 from models.methods import combination_name, method_parts, method_to_json
 from models.tokenizer import GPT2Tokenizer
@@ -296,7 +297,7 @@ class Trainer:
         self.load_data()  # before the method: --layers auto:K probes the frozen model on the data
         method, self.layer_choice = resolve_auto_layers(self.task, gpt, self.splits, config.method, config.seed,
                                                         self.device, config.eval_batch_size)
-        apply_method(gpt, method)
+        apply_method(gpt, method, tokenizer=self.tokenizer)  # the tokenizer turns text options into ids
         self.model = self.task.build_model(gpt, self.tokenizer).to(self.device)
         self.gpt = gpt.set_precision(self.precision)
 
@@ -313,10 +314,13 @@ class Trainer:
 
     def load_data(self) -> None:
         config = self.config
-        context = self.gpt.config.n_positions
+        # The data are read before the method is applied (build_model): leave room for its virtual tokens, if any.
+        virtual_length = virtual_positions(config.method)
+        context = self.gpt.config.n_positions - virtual_length
         if config.max_length is not None and config.max_length > context:
+            virtual = f" after the method's {virtual_length} virtual tokens" if virtual_length else ""
             raise ValueError(f"--max-length {config.max_length} exceeds the context of the model {config.model} "
-                             f"({context} tokens)")
+                             f"({context} tokens{virtual})")
         max_length = config.max_length or context
         data = self.task.load(config, self.tokenizer, max_length)
         self.splits = data.splits

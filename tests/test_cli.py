@@ -33,7 +33,7 @@ def test_data_errors_surface_as_one_clear_line(tmp_path, task_files):
     ("--lr", "-1", "argument --lr: must be in (0, inf)"),
     ("--warmup-ratio", "1.5", "argument --warmup-ratio: must be in [0, 1)"),
     ("--precision", "fp16", "argument --precision: invalid choice"),
-    ("--method", "prefix", "argument --method: invalid choice"),
+    ("--method", "prefixes", "argument --method: invalid choice"),
     ("--rank", "4", "--rank does not apply to method 'full'"),
     ("--seed", str(2**64), "argument --seed: must be an integer from -2**63 to 2**64 - 1 (what torch's random "
                            f"generators accept), got {2**64}"),

@@ -36,10 +36,11 @@ def test_interleave_undoes_sharding():
 
 @pytest.mark.slow
 @requires_gloo
-def test_two_gloo_processes_reach_the_weights_of_one(tmp_path, task_files):
+@pytest.mark.parametrize("method", ["full", "ptuning"])  # ptuning: virtual tokens through a prompt encoder
+def test_two_gloo_processes_reach_the_weights_of_one(tmp_path, task_files, method):
     """13 examples in global batches of 4 with 2 micro-batches per step: the epoch ends with a batch of one
     example, so one rank has nothing to do in that micro-batch and must still join the gradient exchange."""
-    options = dict(method="full", epochs=2, max_train_examples=13, max_eval_examples=9, grad_accum=2, lr=1e-3)
+    options = dict(method=method, epochs=2, max_train_examples=13, max_eval_examples=9, grad_accum=2, lr=1e-3)
     code, _, err = run_script("sentiment", base_args(tmp_path / "one", task_files, **options))
     assert code == 0, err
 
@@ -69,7 +70,7 @@ def test_two_gloo_processes_reach_the_weights_of_one(tmp_path, task_files):
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
         assert b["dev"] == a["dev"]  # evaluation is sharded over the ranks and gathered back in order
     for split in ("dev", "test"):
-        name = f"full-sst-{split}-out.csv"
+        name = f"{method}-sst-{split}-out.csv"
         assert (tmp_path / "two" / "predictions" / name).read_text() == (tmp_path / "one" / "predictions" / name).read_text()
 
 

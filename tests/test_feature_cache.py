@@ -60,12 +60,13 @@ def test_nothing_is_cached_when_layer_0_or_the_embeddings_train(method):
 
 
 def test_a_trainable_parameter_outside_the_layers_means_no_cache():
-    """Such as virtual tokens or a prefix a method puts in front of the layers: everything depends on it."""
+    """Such as a part a method puts in front of the layers: everything depends on it. (Virtual tokens mean no cache
+    even when frozen: test_soft_prompts.py.)"""
     gpt = random_model("tiny")
     apply_method(gpt, MethodConfig("lora", layers=[1]))
-    gpt.virtual_tokens = nn.Parameter(torch.zeros(4, gpt.config.n_embd))
+    gpt.in_front = nn.Parameter(torch.zeros(4, gpt.config.n_embd))
     assert gpt.frozen_boundary() == 0
-    gpt.virtual_tokens.requires_grad_(False)
+    gpt.in_front.requires_grad_(False)
     assert gpt.frozen_boundary() == 1
 
 
