@@ -168,10 +168,10 @@ def set_lora_merged(gpt: GPT2Model, merged: bool) -> None:
             module.merge() if merged else module.unmerge()
 
 
-def virtual_positions(config: MethodConfig) -> int:
-    """How many positions `config` puts before every input (its virtual tokens: soft prompts, prefixes), known
-    before it is applied, so that a task can leave them room in the context."""
-    return config.num_virtual_tokens or 0
+def virtual_positions(config: MethodConfig | Sequence[MethodConfig]) -> int:
+    """How many positions a method or a combination puts before every input (its virtual tokens: soft prompts,
+    prefixes; at most one part has them), known before it is applied, so that a task can leave them room."""
+    return sum(part.num_virtual_tokens or 0 for part in method_parts(config))
 
 
 def fold_methods(gpt: GPT2Model) -> GPT2Model:

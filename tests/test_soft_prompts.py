@@ -267,6 +267,28 @@ def test_virtual_tokens_are_never_prompt_positions_for_interventions(side):
         assert changed.nonzero().flatten().tolist() == [int(real[0]), int(real[-1])]
 
 
+@pytest.mark.parametrize("soft", ["prompt", "ptuning-lstm", "prefix-projection"])
+def test_a_soft_prompt_combined_with_loreft_keeps_its_positions_and_reloads_exactly(tmp_path, soft):
+    """`prompt+loreft` and kin: the interventions' prompt positions are the real tokens; a P-tuning encoder or a
+    prefix projection is folded in the combination's adapter, which reloads to the same outputs."""
+    parts = [ADAPTING[soft], MethodConfig("loreft", rank=4, positions="f1+l1", layers=[1])]
+    model = fresh(parts)
+    perturb_trainable(model, scale=0.3)
+    seen = []
+    model.h[1].interventions["ffn"]["default"].register_forward_hook(lambda m, args, out: seen.append(args[1].prompt_mask))
+    ids, mask = to_left_padding(*right_padded([6, 3]))
+    with torch.no_grad():
+        expected = model(ids, mask)["last_hidden_state"]
+    columns = model.virtual_length if soft == "prompt" or soft.startswith("ptuning") else 0
+    assert not seen[0][:, :columns].any() and torch.equal(seen[0][:, columns:], mask.bool())
+    directory = save_adapter(model, tmp_path / "combo")
+    saved = json.loads((directory / ADAPTER_CONFIG).read_text())
+    assert [m["method"] for m in saved["methods"]] == [saved_form(ADAPTING[soft]).method, "loreft"]
+    reloaded = load_adapter(fresh(), directory)
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids, mask)["last_hidden_state"], expected)
+
+
 def test_trained_virtual_tokens_turn_the_trainable_suffix_shortcut_off():
     model = with_loreft(trained("prefix"), "l1")
     assert model.trainable_suffix_length() is None  # the prefix trains and acts on every token
