@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import re
 import sys
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from data.course import COURSE_MODES, MODE_FAMILIES
 from models.gpt2 import PRECISION_CHOICES, PRECISION_HELP
@@ -419,16 +419,21 @@ def parse_args(task: str, argv: Optional[Sequence[str]] = None) -> TrainConfig:
 def main(script: str, argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser(script)
     config = config_from_args(parser.parse_args(argv), parser)
+    return run_reporting_errors(lambda: run_training(config.task, config), config.run_dir)
+
+
+def run_reporting_errors(run: Callable[[], object], run_dir) -> int:
+    """Runs a training command and turns what a user can fix into one line and an exit status: 130 for Ctrl-C
+    (with how to continue), 1 for bad data (DataFormatError), a checkpoint or adapter that does not fit
+    (CheckpointError, ResumeError), a run directory in use, a missing file or an unreachable hub (OSError), or a
+    diverging run."""
     try:
-        run_training(config.task, config)
+        run()
     except KeyboardInterrupt:
-        print(f"\ninterrupted; to continue, run the same command with --resume (checkpoint in {config.run_dir}/last)",
+        print(f"\ninterrupted; to continue, run the same command with --resume (checkpoint in {run_dir}/last)",
               file=sys.stderr)
         return 130
     except (TrainingDiverged, ValueError, OSError) as error:
-        # Problems the user can fix, one clear line each: bad data (DataFormatError), a checkpoint or adapter
-        # that does not fit (CheckpointError, ResumeError), a run directory in use, a missing file or an
-        # unreachable hub (OSError), a diverging run.
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

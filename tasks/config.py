@@ -16,6 +16,22 @@ GENERATION_FIELDS = ("temperature", "top_p", "max_new_tokens")  # used by the so
 SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.manual_seed and torch.Generator.manual_seed accept
 
 
+def optimizer_problems(lr: Optional[float], warmup_ratio: float, weight_decay: float,
+                       max_grad_norm: Optional[float]) -> list[str]:
+    """What is wrong with the optimizer and schedule settings a training run and pretraining share (lr None:
+    the method's default)."""
+    problems = []
+    if lr is not None and not lr > 0:
+        problems.append(f"lr must be > 0, got {lr}")
+    if not 0 <= warmup_ratio < 1:
+        problems.append(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
+    if weight_decay < 0:
+        problems.append(f"weight_decay must be >= 0, got {weight_decay}")
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        problems.append(f"max_grad_norm must be > 0 (or unset), got {max_grad_norm}")
+    return problems
+
+
 def seed_problem(seed) -> Optional[str]:
     """Why `seed` cannot seed torch's generators, or None: outside SEED_RANGE torch stops with a C-level error."""
     low, high = SEED_RANGE
@@ -92,14 +108,7 @@ class TrainConfig:
                 problems.append(f"{name} must be >= 1 (or unset), got {value}")
         if seed_problem(self.seed):
             problems.append(f"seed {seed_problem(self.seed)}")
-        if self.lr is not None and not self.lr > 0:
-            problems.append(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.warmup_ratio < 1:
-            problems.append(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.weight_decay < 0:
-            problems.append(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            problems.append(f"max_grad_norm must be > 0 (or unset), got {self.max_grad_norm}")
+        problems += optimizer_problems(self.lr, self.warmup_ratio, self.weight_decay, self.max_grad_norm)
         if self.cache_memory is not None and self.cache_memory < 0:
             problems.append(f"cache_memory must be >= 0 bytes (or unset), got {self.cache_memory}")
         if self.threads is not None and self.threads < 1:

@@ -35,8 +35,8 @@ from models.config import PRESETS, GPT2Config
 from models.gpt2 import PRECISION_CHOICES, PRECISION_HELP, GPT2Model, resolve_device, resolve_precision
 from models.tokenizer import GPT2Tokenizer, tokenizer_source
 from tasks import checkpoint as ckpt
-from tasks.cli import HelpFormatter, number_in, positive_int, seed_value
-from tasks.config import seed_problem
+from tasks.cli import HelpFormatter, number_in, positive_int, run_reporting_errors, seed_value
+from tasks.config import optimizer_problems, seed_problem
 from tasks.trainer import TrainingDiverged, build_optimizer, warmup_then_decay
 
 # What the course's data sets contribute: (task, reader of its training file, the texts of one row).
@@ -90,14 +90,7 @@ class PretrainConfig:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.held_out < 1:
             problems.append(f"held_out must be in (0, 1), got {self.held_out}")
-        if not self.lr > 0:
-            problems.append(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.warmup_ratio < 1:
-            problems.append(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.weight_decay < 0:
-            problems.append(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            problems.append(f"max_grad_norm must be > 0 (or unset), got {self.max_grad_norm}")
+        problems += optimizer_problems(self.lr, self.warmup_ratio, self.weight_decay, self.max_grad_norm)
         if not 0 <= self.dropout < 1:
             problems.append(f"dropout must be in [0, 1), got {self.dropout}")
         if seed_problem(self.seed):
@@ -501,16 +494,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> PretrainConfig:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     config = parse_args(argv)
-    try:
-        pretrain(config)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; to continue, run the same command with --resume (checkpoint in {config.run_dir}/last)",
-              file=sys.stderr)
-        return 130
-    except (TrainingDiverged, ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    return run_reporting_errors(lambda: pretrain(config), config.run_dir)
 
 
 if __name__ == "__main__":
