@@ -26,6 +26,7 @@ PROMPT_LENGTH, NEW_TOKENS = 32, 128  # generation
 NUM_LABELS = 5  # the SST head
 LEARNING_RATE = 1e-4
 LORA_RANK, LORA_ALPHA = 8, 16.0
+VIRTUAL_TOKENS = 20  # prompt, ptuning and prefix: peft's and our default
 LOREFT_RANK = 4
 VOCAB_SIZE = 50257
 EOS_TOKEN_ID = 50256

@@ -112,6 +112,23 @@ def train_step_case(weights: str, method: str, precision: str = "bf16") -> commo
 
         def hidden():
             return model(input_ids=ids, attention_mask=mask).last_hidden_state
+    elif method in ("prompt", "ptuning", "prefix"):
+        import peft
+
+        # On a bare GPT2Model peft's feature-extraction model prepends the virtual tokens (prompt, ptuning) or
+        # puts them in the attention's past keys and values (prefix); the last hidden state is the last real token.
+        settings = dict(task_type="FEATURE_EXTRACTION", num_virtual_tokens=common.VIRTUAL_TOKENS)
+        config = {"prompt": lambda: peft.PromptTuningConfig(**settings),
+                  "ptuning": lambda: peft.PromptEncoderConfig(**settings, encoder_reparameterization_type="MLP",
+                                                              encoder_hidden_size=gpt.config.n_embd),
+                  "prefix": lambda: peft.PrefixTuningConfig(**settings)}[method]()
+        model = peft.get_peft_model(gpt, config)
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        info["library"] = f"peft {peft.__version__}"
+
+        def hidden():
+            return model(input_ids=ids, attention_mask=mask).last_hidden_state
     elif method == "loreft":
         import pyreft
 

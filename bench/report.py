@@ -74,7 +74,7 @@ def derive(results: dict) -> None:
     ratios["full_step_vs_transformers"] = ratio(rate(results, "step_full", "ours"), rate(results, "step_full", "peer"))
     ratios["lora_step_vs_peft"] = ratio(rate(results, "step_lora", "ours"), rate(results, "step_lora", "peer"))
     ratios["loreft_step_vs_pyreft"] = ratio(rate(results, "step_loreft", "ours"), rate(results, "step_loreft", "peer"))
-    for method in ("lora_c_attn", "dora", "ia3"):
+    for method in ("lora_c_attn", "dora", "ia3", "prompt", "ptuning", "prefix"):
         ratios[f"{method}_step_vs_peft"] = ratio(rate(results, f"step_{method}", "ours"),
                                                  rate(results, f"step_{method}", "peer"))
     per_batch = []
@@ -315,6 +315,9 @@ FIGURE_LABELS = {
     "step_lora_c_attn": "training step, LoRA r=8 on c_attn (both sides)",
     "step_dora": "training step, DoRA r=8 on c_attn (both sides)",
     "step_ia3": "training step, (IA)^3 on c_attn and the FFN (peft's GPT-2 default; both sides)",
+    "step_prompt": "training step, prompt tuning, 20 virtual tokens",
+    "step_ptuning": "training step, P-tuning, 20 virtual tokens from an MLP encoder 768 wide",
+    "step_prefix": "training step, prefix tuning, 20 virtual keys and values per layer",
     "generate_b1_bf16": "generate 128 tokens, batch 1, bf16",
     "generate_b1_fp32": "generate 128 tokens, batch 1, fp32",
     "generate_b8_bf16": "generate 128 tokens, batch 8, bf16",
