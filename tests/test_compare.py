@@ -348,6 +348,23 @@ def test_weight_update_methods_compare_in_one_table(tmp_path, task_files, capsys
     assert counts["dora"] - counts["lora"] == 2 * 3 * 64 and counts["ia3"] < counts["lora"]
 
 
+@pytest.mark.slow  # trains four methods
+def test_the_reft_family_compares_in_one_table(tmp_path, task_files, capsys):
+    code, printed, err = run_compare(compare_args(tmp_path, task_files, ["consreft", "lobireft", "direft", "nodireft"],
+                                                  "--in-process", "--rank", "2"), capsys)
+    assert code == 0, err
+    header, *rows = table_lines(printed)
+    rows = {row[0]: dict(zip(header, row)) for row in rows}
+    assert list(rows) == ["consreft", "lobireft", "direft", "nodireft"]
+    assert all(row["status"] == "finished" for row in rows.values())
+    counts = {name: int(row["trainable params"].replace(",", "")) for name, row in rows.items()}
+    # Per layer (2) and tied position set, at width 64 and rank 2: R (2 x 64) and b (2); W (2 x 64) as well for
+    # the linear sources (direft's R orthonormal, nodireft's free: the same count). The head (5 x 64 + 5) trains too.
+    head = 5 * 64 + 5
+    assert counts["consreft"] == counts["lobireft"] == 2 * (2 * 64 + 2) + head
+    assert counts["direft"] == counts["nodireft"] == 2 * (2 * 2 * 64 + 2) + head
+
+
 # ----------------------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize("variants, extra, message", [
     (["lora", "nope"], [], "argument --variants: variant 'nope': unknown method 'nope'"),

@@ -36,8 +36,8 @@ def test_interleave_undoes_sharding():
 
 @pytest.mark.slow
 @requires_gloo
-@pytest.mark.parametrize("method", ["full", "ptuning", "prefix", "dora", "ia3", "lora+loreft"])  # virtual tokens, keys
-# and values in front, weight updates with a norm or a rescaling, and a combination of two families
+@pytest.mark.parametrize("method", ["full", "ptuning", "prefix", "dora", "ia3", "lobireft", "lora+loreft"])  # virtual tokens, keys
+# and values in front, weight updates with a norm or a rescaling, a constant ReFT source, a combination of two families
 def test_two_gloo_processes_reach_the_weights_of_one(tmp_path, task_files, method):
     """13 examples in global batches of 4 with 2 micro-batches per step: the epoch ends with a batch of one
     example, so one rank has nothing to do in that micro-batch and must still join the gradient exchange."""
