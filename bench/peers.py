@@ -77,6 +77,24 @@ def reft_locations(batch: int, length: int, layers: int) -> dict:
     return {"sources->base": (None, [[[length - 1]] * batch] * layers)}
 
 
+def peft_config(method: str, width: int):
+    """peft's configuration of a training-step case. The soft prompts use peft's feature-extraction model on a bare
+    GPT2Model: it prepends the virtual tokens (prompt, ptuning) or puts them in the attention's past keys and
+    values (prefix), so the last hidden state is still the last real token's."""
+    import peft
+
+    if method == "ia3":  # peft's GPT-2 default: the fused c_attn output and the input of mlp.c_proj
+        return peft.IA3Config()
+    if method in ("lora", "lora_c_attn", "dora"):
+        return peft.LoraConfig(r=common.LORA_RANK, lora_alpha=common.LORA_ALPHA, lora_dropout=0.0,
+                               target_modules=["c_attn"], fan_in_fan_out=True,  # GPT-2's Conv1D is (in, out)
+                               use_dora=method == "dora")
+    settings = dict(task_type="FEATURE_EXTRACTION", num_virtual_tokens=common.VIRTUAL_TOKENS)
+    if method == "ptuning":
+        return peft.PromptEncoderConfig(**settings, encoder_reparameterization_type="MLP", encoder_hidden_size=width)
+    return (peft.PromptTuningConfig if method == "prompt" else peft.PrefixTuningConfig)(**settings)
+
+
 def train_step_case(weights: str, method: str, precision: str = "bf16") -> common.Case:
     """One step of sentiment training with each library's own recipe: GPT-2 + a Linear head on the last
     token, bf16 autocast (fp32 with `precision` fp32), torch AdamW over what the library leaves trainable plus the
@@ -96,33 +114,10 @@ def train_step_case(weights: str, method: str, precision: str = "bf16") -> commo
 
         def hidden():
             return gpt(input_ids=ids, attention_mask=mask).last_hidden_state
-    elif method in ("lora", "lora_c_attn", "dora", "ia3"):
+    elif method in ("lora", "lora_c_attn", "dora", "ia3", "prompt", "ptuning", "prefix"):
         import peft
 
-        if method == "ia3":  # peft's GPT-2 default: the fused c_attn output and the input of mlp.c_proj
-            config = peft.IA3Config()
-        else:
-            config = peft.LoraConfig(r=common.LORA_RANK, lora_alpha=common.LORA_ALPHA, lora_dropout=0.0,
-                                     target_modules=["c_attn"], fan_in_fan_out=True,  # GPT-2's Conv1D is (in, out)
-                                     use_dora=method == "dora")
-        model = peft.get_peft_model(gpt, config)
-        model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        info["library"] = f"peft {peft.__version__}"
-
-        def hidden():
-            return model(input_ids=ids, attention_mask=mask).last_hidden_state
-    elif method in ("prompt", "ptuning", "prefix"):
-        import peft
-
-        # On a bare GPT2Model peft's feature-extraction model prepends the virtual tokens (prompt, ptuning) or
-        # puts them in the attention's past keys and values (prefix); the last hidden state is the last real token.
-        settings = dict(task_type="FEATURE_EXTRACTION", num_virtual_tokens=common.VIRTUAL_TOKENS)
-        config = {"prompt": lambda: peft.PromptTuningConfig(**settings),
-                  "ptuning": lambda: peft.PromptEncoderConfig(**settings, encoder_reparameterization_type="MLP",
-                                                              encoder_hidden_size=gpt.config.n_embd),
-                  "prefix": lambda: peft.PrefixTuningConfig(**settings)}[method]()
-        model = peft.get_peft_model(gpt, config)
+        model = peft.get_peft_model(gpt, peft_config(method, gpt.config.n_embd))
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         info["library"] = f"peft {peft.__version__}"
