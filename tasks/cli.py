@@ -132,12 +132,7 @@ def build_parser(script: str, default_task: Optional[str] = None) -> argparse.Ar
                        help="micro-batches per optimizer step")
     train.add_argument("--eval-batch-size", type=positive_int, default=defaults.eval_batch_size,
                        help="examples per batch when predicting (sonnets: prompts generated together)")
-    train.add_argument("--warmup-ratio", type=number_in(0, 1), default=defaults.warmup_ratio,
-                       help="fraction of the steps with a linear warmup; then linear decay to zero")
-    train.add_argument("--weight-decay", type=number_in(0, float("inf")), default=defaults.weight_decay,
-                       help="AdamW's decoupled weight decay, on weight matrices only")
-    train.add_argument("--max-grad-norm", type=number_in(0, float("inf")), default=defaults.max_grad_norm,
-                       help="clip the gradient norm (0: no clipping)")
+    add_optimizer_arguments(train, defaults)
     train.add_argument("--dropout", type=number_in(0, 1), default=None,
                        help="GPT-2's dropout rate (default: the checkpoint's, 0.1)")
     train.add_argument("--seed", type=seed_value, default=defaults.seed,
@@ -288,6 +283,17 @@ def method_text(text: str) -> str:
         raise argparse.ArgumentTypeError(f"invalid choice: {error} (a combination joins methods with '+', e.g. "
                                          f"{EXAMPLE_COMBINATION})") from None
     return text
+
+
+def add_optimizer_arguments(group, defaults) -> None:
+    """The schedule and optimizer flags the training scripts and pretraining share (defaults: a config object with
+    warmup_ratio, weight_decay and max_grad_norm)."""
+    group.add_argument("--warmup-ratio", type=number_in(0, 1), default=defaults.warmup_ratio,
+                       help="fraction of the steps with a linear warmup; then linear decay to zero")
+    group.add_argument("--weight-decay", type=number_in(0, float("inf")), default=defaults.weight_decay,
+                       help="AdamW's decoupled weight decay, on weight matrices only")
+    group.add_argument("--max-grad-norm", type=number_in(0, float("inf")), default=defaults.max_grad_norm,
+                       help="clip the gradient norm (0: no clipping)")
 
 
 def add_method_arguments(parser: argparse.ArgumentParser) -> None:

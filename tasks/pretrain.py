@@ -35,7 +35,7 @@ from models.config import PRESETS, GPT2Config
 from models.gpt2 import PRECISION_CHOICES, PRECISION_HELP, GPT2Model, resolve_device, resolve_precision
 from models.tokenizer import GPT2Tokenizer, tokenizer_source
 from tasks import checkpoint as ckpt
-from tasks.cli import HelpFormatter, number_in, positive_int, run_reporting_errors, seed_value
+from tasks.cli import HelpFormatter, add_optimizer_arguments, number_in, positive_int, run_reporting_errors, seed_value
 from tasks.config import optimizer_problems, seed_problem
 from tasks.trainer import TrainingDiverged, build_optimizer, warmup_then_decay
 
@@ -457,12 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="blocks per micro-batch")
     train.add_argument("--grad-accum", type=positive_int, default=d.grad_accum, help="micro-batches per step")
     train.add_argument("--lr", type=number_in(0, float("inf"), low_open=True), default=d.lr, help="peak learning rate")
-    train.add_argument("--warmup-ratio", type=number_in(0, 1), default=d.warmup_ratio,
-                       help="fraction of the steps with a linear warmup; then linear decay")
-    train.add_argument("--weight-decay", type=number_in(0, float("inf")), default=d.weight_decay,
-                       help="AdamW's decoupled weight decay, on weight matrices only")
-    train.add_argument("--max-grad-norm", type=number_in(0, float("inf")), default=d.max_grad_norm,
-                       help="clip the gradient norm (0: no clipping)")
+    add_optimizer_arguments(train, d)
     train.add_argument("--eval-every-steps", type=positive_int, default=d.eval_every_steps,
                        help="measure perplexity (and keep the best model) every N steps, and after the last")
     train.add_argument("--max-eval-blocks", type=positive_int, default=d.max_eval_blocks,
