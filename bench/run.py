@@ -428,13 +428,16 @@ def main(argv=None) -> None:
             others = (machine_busy_seconds() - before[1]) - (own_cpu_seconds() - before[2])
             results["sst"][method]["other_processes_mean_cores"] = round(max(others, 0.0) / wall, 2)
             print(f"  sst epoch, {method}: {report.describe_sst(results['sst'][method])}", flush=True)
+            report.write_json(results, results_path)  # each long run kept as it ends: an interruption loses one
     if "sst-run" in args.groups:
-        measure_sst_runs(results, args, weights, work)
+        measure_sst_runs(results, args, weights, work, lambda: report.write_json(results, results_path))
     shutil.rmtree(work / "weights", ignore_errors=True)  # 500 MB; the logs stay for a post-mortem
     write_report(results, results_path)
 
 
-def measure_sst_runs(results: dict, args, weights: str, work: Path) -> None:
+def measure_sst_runs(results: dict, args, weights: str, work: Path, save) -> None:
+    """Each run of --sst-runs in turn; `save()` after each, so that an interrupted bench keeps the runs it ended
+    (`--report-only` then writes RESULTS.md from them)."""
     for name in args.sst_runs:
         print(f"  sst run, {name} ({args.sst_run_epochs} epochs) ...", flush=True)
         before = (time.monotonic(), machine_busy_seconds(), own_cpu_seconds())
@@ -445,6 +448,7 @@ def measure_sst_runs(results: dict, args, weights: str, work: Path) -> None:
         entry["other_processes_mean_cores"] = round(max(others, 0.0) / wall, 2)
         results["sst_run"][name] = entry
         print(f"  sst run, {name}: {report.describe_sst_run(entry)}", flush=True)
+        save()
 
 
 def write_report(results: dict, results_path: Path) -> None:

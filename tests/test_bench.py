@@ -3,10 +3,13 @@ derives from them. The benchmark's own timings are never asserted (no timed asse
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.fixtures.shared import SHARED_DATA, SHARED_TOKENIZER, requires_shared_data, requires_shared_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,3 +106,59 @@ def test_mfu_is_against_the_peak_of_the_precision_used(tmp_path):
         text = (tmp_path / "RESULTS.md").read_text()
         assert f"## Model FLOP utilisation (of the {precision} matmul peak)" in text
         assert ("- bf16 figures skipped: emulated here" in text) == (precision == "fp32")
+
+
+def compare_row(task, method, model, seed, dev):
+    return {"task": task, "method": method, "model": model, "seed": seed, "dev": dev}
+
+
+def test_pretrain_compare_pairs_the_models_by_seed_and_says_which_gains_are_beyond_noise():
+    pretrain_compare = bench_module("pretrain_compare")
+    rows = [compare_row("sst", "lora", "pretrained", s, v) for s, v in ((1, 0.40), (2, 0.42), (3, 0.41))]
+    rows += [compare_row("sst", "lora", "random", s, v) for s, v in ((1, 0.25), (2, 0.26), (3, 0.27))]
+    # A gain whose sign flips between seeds is noise; a failed run (dev None) is left out of both summaries.
+    rows += [compare_row("sst", "full", "pretrained", s, v) for s, v in ((1, 0.30), (2, 0.20), (3, None))]
+    rows += [compare_row("sst", "full", "random", s, v) for s, v in ((1, 0.25), (2, 0.26), (3, 0.27))]
+    summary = {(r["method"], r["model"]): r for r in pretrain_compare.summarise(rows)}
+    assert summary["lora", "pretrained"]["mean"] == pytest.approx(0.41)
+    assert summary["lora", "pretrained"]["std"] == pytest.approx(0.01)
+    assert summary["full", "pretrained"]["seeds"] == 2
+    gains = {r["method"]: r for r in pretrain_compare.pretraining_gains(rows)}
+    assert gains["lora"]["gain"] == pytest.approx(0.15) and gains["lora"]["beyond_noise"] is True
+    assert gains["lora"]["p"] < 0.01
+    assert gains["full"]["seeds"] == 2 and gains["full"]["beyond_noise"] is False
+
+
+@requires_shared_data
+@requires_shared_tokenizer
+@pytest.mark.slow  # pretrains (2 steps) and runs 8 compare runs and 4 memorisation cases on the small preset
+def test_pretrain_compare_runs_end_to_end_and_a_rerun_reuses_every_case(tmp_path):
+    pretrain_compare = bench_module("pretrain_compare")
+    work, out = tmp_path / "work", tmp_path / "out"
+    argv = ["--tokenizer", str(SHARED_TOKENIZER), "--data-dir", str(SHARED_DATA), "--work-dir", str(work),
+            "--out", str(out), "--seeds", "1,2", "--tasks", "sst", "--methods", "last-linear-layer,loreft",
+            "--layers", "0", "--lengths", "8,16", "--memorise-steps", "2", "--threads", "1",
+            "--pretrain-flags", "--steps 2 --batch-size 2 --max-eval-blocks 2 --eval-every-steps 2 --precision fp32",
+            "--compare-flags", "--epochs 1 --max-train-examples 8 --max-eval-examples 8 --batch-size 4"]
+    assert pretrain_compare.main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["compare"]) == 8 and not [r for r in results["compare"] if r["error"]]
+    assert {(r["model"], r["seed"]) for r in results["compare"]} == {(m, s) for m in ("pretrained", "random")
+                                                                     for s in (1, 2)}
+    cases = {(r["model"], r["length"]): r for r in results["memorisation"]}
+    assert set(cases) == {(m, n) for m in ("pretrained", "random") for n in (8, 16)}
+    assert all(r["steps"] <= 2 and 0 <= r["recovered"] <= r["length"] for r in cases.values())
+    report_text = (out / "RESULTS.md").read_text()
+    assert "## What pretraining buys: pretrained minus random, paired over seeds" in report_text
+    assert "| sst | loreft | 2 |" in report_text and "## Memorisation" in report_text
+    assert (out / "compare.png").stat().st_size > 0 and (out / "memorisation.png").stat().st_size > 0
+
+    kept = {path.name: path.read_text() for path in (work / "memorise").iterdir()}
+    assert len(kept) == 4
+    assert pretrain_compare.main(argv) == 0  # every run and case reused
+    again = json.loads((out / "results.json").read_text())
+    assert again["memorisation"] == results["memorisation"]
+    assert [r["dev"] for r in again["compare"]] == [r["dev"] for r in results["compare"]]
+    assert {path.name: path.read_text() for path in (work / "memorise").iterdir()} == kept
+    with pytest.raises(SystemExit, match="other settings"):
+        pretrain_compare.main([a if a != "2" else "3" for a in argv] + ["--skip", "compare"])

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from models.config import GPT2Config
 from models.generation import SamplingConfig, generate
 from models.gpt2 import GPT2Model
 from models.peft import MethodConfig, apply_method
+from tasks.memorisation import memorise as memorise_text
 
 pytestmark = pytest.mark.slow  # hundreds of training steps per test
 PROMPT_LENGTH, CONTINUATION_LENGTH = 8, 32
@@ -48,23 +48,8 @@ def small_random_model_and_task(vocab_size: int = 1000, n_layer: int = 2, weight
 def memorise(config: MethodConfig, lr: float, max_steps: int = 1500, **model_options) -> tuple[list[int], list[int], int]:
     model, prompt, continuation = small_random_model_and_task(**model_options)
     apply_method(model, config)
-    sequence = torch.cat([prompt, continuation])[None, :-1]
-    # What generation marks as the prompt; it matters only to interventions at first/last positions ('all' edits every one).
-    prompt_mask = torch.arange(sequence.shape[1])[None] < PROMPT_LENGTH
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    sampling = SamplingConfig(max_new_tokens=CONTINUATION_LENGTH)
-    for step in range(1, max_steps + 1):
-        model.train()
-        hidden = model(sequence, prompt_mask=prompt_mask)["last_hidden_state"][0, PROMPT_LENGTH - 1:]
-        loss = F.cross_entropy(model.hidden_state_to_token(hidden), continuation)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if step % 25 == 0:
-            produced = generate(model, [prompt.tolist()], sampling)[0]
-            if produced == continuation.tolist():
-                break
-    return produced, continuation.tolist(), step
+    outcome = memorise_text(model, prompt.tolist(), continuation.tolist(), max_steps, lr)
+    return outcome.produced, continuation.tolist(), outcome.steps
 
 
 @pytest.mark.parametrize("config, lr", [
