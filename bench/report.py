@@ -439,7 +439,7 @@ def write_markdown(results: dict, path: Path) -> None:
                    f"{fmt(entry.get('peak_rss_bytes', 0) / 2**20, 0)} MiB | {fmt(entry.get('other_processes_mean_cores'))} |")
     if not results.get("sst_run"):
         out.append("| — | not measured yet (`--only sst-run`) | | | | |")
-    notes = [f"- {method}: {entry[key]}" for method, entry in results.get("sst", {}).items()
+    notes = [f"- {name}: {entry[key]}" for group in ("sst", "sst_run") for name, entry in results.get(group, {}).items()
              for key in entry if key.endswith("_note")]
     out += [""] + notes if notes else []
     out += ["", "## What bounds the targets", ""] + bound_notes(results)
