@@ -50,7 +50,7 @@ from models.loading import read_config  # noqa: E402
 from models.peft import MethodConfig, apply_method  # noqa: E402
 from models.tokenizer import GPT2Tokenizer  # noqa: E402
 from tasks import pretrain as pretraining  # noqa: E402
-from tasks.memorisation import memorise as memorise_text  # noqa: E402
+from tasks.memorisation import memorise as memorise_text, text_loss  # noqa: E402
 
 METHODS = ("last-linear-layer", "full", "lora", "loreft")
 # Budgets that keep the whole bench to about two hours on 2 cores: Quora's training set is large, CFIMDB's reviews
@@ -205,20 +205,12 @@ def memorise(model_source: str, layer: int, prompt: list[int], target: list[int]
         warnings.simplefilter("ignore")
         gpt = GPT2Model.from_pretrained(model_source)
     gpt.set_dropout(0.0)
-    base_loss = text_loss(gpt, prompt, target)
+    with torch.no_grad():
+        base_loss = text_loss(gpt.eval(), prompt, target).item()  # how far from the text the edit starts
     apply_method(gpt, MethodConfig("loreft", rank=1, layers=[layer], positions="l1"))
     outcome = memorise_text(gpt, prompt, target, steps, lr)
     return {"recovered": outcome.recovered, "exact": outcome.exact, "steps": outcome.steps,
             "base_loss": base_loss, "final_loss": outcome.final_loss}
-
-
-def text_loss(gpt: GPT2Model, prompt: list[int], target: list[int]) -> float:
-    """The frozen model's mean next-token loss over `target` after `prompt`, before any edit: how far from the
-    text the edit starts."""
-    with torch.no_grad():
-        hidden = gpt.eval()(torch.tensor([prompt + target[:-1]]))["last_hidden_state"][0, len(prompt) - 1:]
-        return torch.nn.functional.cross_entropy(gpt.hidden_state_to_token(hidden).float(),
-                                                 torch.tensor(target)).item()
 
 
 def run_memorisation(args, work: Path, models: dict[str, str], tokenizer: GPT2Tokenizer, n_layer: int,

@@ -7,7 +7,7 @@ import torch
 
 from models.config import GPT2Config
 from models.gpt2 import GPT2Model
-from tasks.memorisation import leading_matches, memorise
+from tasks.memorisation import leading_matches, memorise, text_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -22,6 +22,9 @@ def test_a_trainable_model_memorises_a_short_text_and_stops_early():
     torch.manual_seed(0)
     model = GPT2Model(GPT2Config(vocab_size=16, n_positions=16, n_embd=16, n_layer=1, n_head=2, dropout=0.0))
     text = [3, 9, 1, 14, 7, 7]
+    with torch.no_grad():
+        before = text_loss(model.eval(), [0], text).item()
+    assert before == pytest.approx(torch.log(torch.tensor(16.0)).item(), abs=0.3)  # near uniform at GPT-2's init
     outcome = memorise(model, [0], text, steps=400, lr=3e-2, check_every=5)
     assert outcome.exact and outcome.recovered == 6 and outcome.produced == text
     assert outcome.steps < 400 and outcome.steps % 5 == 0  # stopped at the first check that reproduced it
