@@ -73,8 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--compare-flags", default="--epochs 3 --precision fp32",
-                        help="training flags for every compare.py run (fp32: at n_embd 128 the matmuls are too small "
-                             "for bf16 to pay: full fine-tuning ran 10-25%% faster than in bf16 in a probe on the AMX Xeon)")
+                        help="training flags for every compare.py run (fp32, as the pretraining: at n_embd 128 the "
+                             "matmuls are too small for bf16 to pay; bench/pretrain_speed.py measures it per shape)")
     parser.add_argument("--task-flags", action="append", default=[], metavar='TASK="FLAGS"',
                         help="extra compare.py flags for one task (repeatable), before --compare-flags, which override "
                              f"them; defaults: {'; '.join(f'{t}={f}' for t, f in TASK_FLAGS.items())}")
