@@ -27,7 +27,10 @@ NUM_LABELS = 5  # the SST head
 LEARNING_RATE = 1e-4
 LORA_RANK, LORA_ALPHA = 8, 16.0
 VIRTUAL_TOKENS = 20  # prompt, ptuning and prefix: peft's and our default
-LOREFT_RANK = 4
+LOREFT_RANK = 4  # every ReFT-family case: rank 4, each layer's block output, the last position (pyreft's setting)
+# The ReFT-family step cases and pyreft's intervention class for each (pyreft.<Name>Intervention).
+REFT_INTERVENTIONS = {"loreft": "Loreft", "noreft": "Noreft", "consreft": "Consreft", "lobireft": "Lobireft",
+                      "direft": "Direft", "nodireft": "Nodireft"}
 VOCAB_SIZE = 50257
 EOS_TOKEN_ID = 50256
 SEED = 1234

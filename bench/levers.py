@@ -54,6 +54,23 @@ def flat_linears(model: nn.Module) -> None:
             module.forward = types.MethodType(forward, module)
 
 
+ROW_CHUNK = 512
+
+
+def row_chunked_linears(model: nn.Module) -> None:
+    """F.linear over at most ROW_CHUNK rows at a time. On the AMX Xeon, oneDNN runs the projections to 768
+    outputs (attention and FFN output) at half speed from about 768 to 1,280 rows (the forward case has 1,024):
+    each row's output is the same product, only the kernel oneDNN picks changes."""
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            def forward(self, x):
+                flat = x.reshape(-1, x.shape[-1])
+                out = torch.cat([F.linear(rows, self.weight, self.bias) for rows in flat.split(ROW_CHUNK)])
+                return out.view(*x.shape[:-1], out.shape[-1])
+
+            module.forward = types.MethodType(forward, module)
+
+
 def no_dropout(model: nn.Module) -> None:
     """Dropout off in the frozen base (attention-probability dropout also forces SDPA off its fused kernel)."""
     for module in model.modules():
@@ -103,6 +120,7 @@ def compiled(model: nn.Module) -> None:
 PATCHES = {
     "as-is": [],
     "flat-linear": [flat_linears],
+    "row-chunks": [row_chunked_linears],
     "addmm-Wt": [flat_addmm_linears],
     "no-dropout": [no_dropout],
     "addmm-Wt+no-dropout": [flat_addmm_linears, no_dropout],

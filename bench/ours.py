@@ -91,9 +91,9 @@ def method_config(method: str):
         return MethodConfig("ia3", ia3_targets=("c_attn", "ffn"))  # peft's GPT-2 default
     if method in ("prompt", "ptuning", "prefix"):
         return MethodConfig(method, num_virtual_tokens=common.VIRTUAL_TOKENS)  # ptuning: an MLP as wide as the model
-    if method == "loreft":
+    if method in common.REFT_INTERVENTIONS:
         # pyreft's setting: every layer's block output, the last position, rank 4.
-        return MethodConfig("loreft", rank=common.LOREFT_RANK, positions="l1", components=("ffn",))
+        return MethodConfig(method, rank=common.LOREFT_RANK, positions="l1", components=("ffn",))
     return MethodConfig(method)
 
 

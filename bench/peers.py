@@ -124,15 +124,18 @@ def train_step_case(weights: str, method: str, precision: str = "bf16") -> commo
 
         def hidden():
             return model(input_ids=ids, attention_mask=mask).last_hidden_state
-    elif method == "loreft":
+    elif method in common.REFT_INTERVENTIONS:
         import pyreft
 
         layers = gpt.config.n_layer
+        intervention = getattr(pyreft, f"{common.REFT_INTERVENTIONS[method]}Intervention")
+        # dtype fp32 as ours: pyreft's default would be bf16 parameters, which AdamW cannot update well. No bias on
+        # the projections of NoReFT and NodiReFT (add_bias), as ours: their source already has one.
+        settings = dict(embed_dim=gpt.config.n_embd, low_rank_dimension=common.LOREFT_RANK, dtype=torch.float32,
+                        add_bias=False)
         config = pyreft.ReftConfig(representations=[{
             "layer": layer, "component": "block_output", "low_rank_dimension": common.LOREFT_RANK,
-            # dtype fp32 as ours: pyreft's default would be bf16 parameters, which AdamW cannot update well.
-            "intervention": pyreft.LoreftIntervention(embed_dim=gpt.config.n_embd,
-                                                      low_rank_dimension=common.LOREFT_RANK, dtype=torch.float32),
+            "intervention": intervention(**settings),
         } for layer in range(layers)])
         model = pyreft.get_reft_model(gpt, config)
         model.model.train()  # dropout on, as in the other cases (get_reft_model leaves the base in eval)

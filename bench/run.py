@@ -39,7 +39,7 @@ SST_METHODS = ("full", "lora", "reft", "loreft")
 # Training-step cases, each against its peer with the same settings: lora (ours on query,key,value, peft on c_attn),
 # then like for like with peft on the fused c_attn: lora_c_attn, dora (both rank 8) and ia3 (peft's GPT-2 targets).
 # The soft prompts (prompt, ptuning with an MLP encoder as wide as the model, prefix) with 20 virtual tokens each.
-STEP_METHODS = ("full", "lora", "lora_c_attn", "dora", "ia3", "prompt", "ptuning", "prefix", "loreft")
+STEP_METHODS = ("full", "lora", "lora_c_attn", "dora", "ia3", "prompt", "ptuning", "prefix", *common.REFT_INTERVENTIONS)
 # Options beyond each method's defaults, matching the training-step benchmark: LoReFT rank 4 on all 12 layers
 # at the last position (its default, f1+l1, also edits the first token).
 SST_METHOD_FLAGS = {"loreft": ["--positions", "l1"]}

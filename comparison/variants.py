@@ -23,6 +23,7 @@ from pathlib import Path
 
 from models.methods import method_names, method_parts, parse_methods
 from models.peft import check_combination
+from models.registry import path_label
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")  # a variant's name is also its run directory's
 
@@ -32,6 +33,11 @@ class Variant:
     name: str
     method: str
     flags: tuple = ()  # training flags for this variant only
+
+    @property
+    def directory(self) -> str:
+        """Its run directory's name under the comparison's (a bare 'loreft:late' is 'loreft-late')."""
+        return path_label(self.name)
 
     def describe(self) -> str:
         """How it runs: 'lora --rank 8'."""
@@ -115,6 +121,13 @@ def check_unique(variants: list[Variant]) -> None:
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise ValueError(f"each variant needs its own name: {', '.join(twice)} given more than once")
+    directories = {}
+    for v in variants:
+        directories.setdefault(v.directory, []).append(v.name)
+    shared = [names for names in directories.values() if len(names) > 1]
+    if shared:
+        raise ValueError("each variant needs its own run directory: " + "; ".join(
+            f"{' and '.join(names)} would both write {path_label(names[0])}/" for names in shared))
 
 
 def seed_list(text: str, first_seed: int) -> list[int]:

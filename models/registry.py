@@ -256,9 +256,16 @@ def part_label(part: "MethodConfig") -> str:
 
 
 def combination_name(method: "MethodConfig | list[MethodConfig]") -> str:
-    """'lora', 'lora+loreft', 'loreft:early+loreft:late': what run directories, prediction files and logs
-    call a method or a combination."""
+    """'lora', 'lora+loreft', 'loreft:early+loreft:late': what logs and messages call a method or a combination
+    (run directories and prediction files spell it with path_label)."""
     return JOIN.join(part_label(part) for part in method_parts(method))
+
+
+def path_label(name: str) -> str:
+    """A method, combination or variant name as a file or directory name: ':' (before a part's adapter name) is not
+    allowed in Windows file names and reads as a drive or a volume elsewhere, so it becomes '-'
+    (runs/sst-loreft-early+loreft-late). No stacking method's name holds a '-', so the label stays unambiguous."""
+    return name.replace(NAMED, "-")
 
 
 def parse_combination(text: str) -> list[tuple[str, Optional[str]]]:

@@ -73,7 +73,7 @@ class ClassificationTask(Task):
         return TaskData(splits=splits, paths={split: paths[split] for split in SPLITS}, truncated=truncated)
 
     def prediction_path(self, config: TrainConfig, split: str) -> Path:
-        return Path(config.predictions_dir) / f"{config.method_name}-{self.file_stem}-{split}-out.csv"
+        return Path(config.predictions_dir) / f"{config.method_label}-{self.file_stem}-{split}-out.csv"
 
     def write_predictions(self, path: Path, examples: Sequence[Example], predictions: list) -> None:
         write_predictions(path, self.prediction_column, [e.id for e in examples], predictions)

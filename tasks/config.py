@@ -3,6 +3,9 @@ directly by code such as compare.py."""
 from __future__ import annotations
 
 import dataclasses
+import numbers
+import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -10,7 +13,9 @@ from typing import Optional, Union
 from data.readers import default_paths
 from models.gpt2 import PRECISION_CHOICES
 from models.methods import MethodConfig, combination_name, method_from_json, method_parts, method_to_json
+from models.registry import path_label
 from models.peft import check_combination
+from tasks import TASK_NAMES
 
 GENERATION_FIELDS = ("temperature", "top_p", "max_new_tokens")  # used by the sonnet task only
 SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.manual_seed and torch.Generator.manual_seed accept
@@ -38,6 +43,37 @@ def seed_problem(seed) -> Optional[str]:
     if isinstance(seed, bool) or not isinstance(seed, int) or not low <= seed <= high:
         return f"must be an integer from -2**63 to 2**64 - 1 (what torch's random generators accept), got {seed!r}"
     return None
+
+
+def type_problems(config) -> list[str]:
+    """What is of the wrong type among a dataclass's fields, judged by their annotations (int, float, str, bool,
+    dict, Optional[...]): code building a TrainConfig by hand gets the field named, not a TypeError from deep in
+    a comparison. What passes is stored as the plain type (a Path given for data_dir as str, numpy's numbers as
+    int or float), so the config stays JSON."""
+    problems = []
+    for f, hint in ((f, typing.get_type_hints(type(config))[f.name]) for f in dataclasses.fields(config)):
+        allowed = [t for t in (typing.get_args(hint) or (hint,)) if t in FIELD_TYPES]
+        if not allowed:  # a field of another kind (the method) checks itself
+            continue
+        optional, value = type(None) in typing.get_args(hint), getattr(config, f.name)
+        if value is None and optional:
+            continue
+        kind = next((t for t in allowed if FIELD_TYPES[t](value)), None)
+        if kind is None:
+            names = " or ".join(t.__name__ for t in allowed) + (" (or unset)" if optional else "")
+            problems.append(f"{f.name} must be {names}, got {value!r} ({type(value).__name__})")
+        elif kind is not dict:
+            setattr(config, f.name, kind(os.fspath(value) if isinstance(value, os.PathLike) else value))
+    return problems
+
+
+FIELD_TYPES = {  # annotation -> whether a value can be stored as it (bool is no int here, though Python makes it one)
+    int: lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool),
+    float: lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool),
+    str: lambda v: isinstance(v, (str, os.PathLike)),
+    bool: lambda v: isinstance(v, bool),
+    dict: lambda v: isinstance(v, dict),
+}
 
 
 @dataclass
@@ -95,6 +131,11 @@ class TrainConfig:
     max_new_tokens: int = 150
 
     def __post_init__(self):
+        problems = type_problems(self)
+        if self.task not in TASK_NAMES and not problems:
+            problems.append(f"unknown task {self.task!r}; choose one of {', '.join(TASK_NAMES)}")
+        if problems:  # before the checks below, which compare values of these types
+            raise ValueError("; ".join(problems))
         self.method = method_from_json(self.method)
         check_combination(method_parts(self.method))
         problems = []
@@ -140,6 +181,11 @@ class TrainConfig:
         return combination_name(self.method)
 
     @property
+    def method_label(self) -> str:
+        """method_name as run directories and prediction files spell it ('loreft-early+loreft-late')."""
+        return path_label(self.method_name)
+
+    @property
     def method_family(self) -> str:
         """The method's registry family (models/registry.py); a combination's, which is never head-only or full
         fine-tuning, is its first part's."""
@@ -175,7 +221,7 @@ class TrainConfig:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.output_dir) if self.output_dir is not None else Path("runs") / f"{self.task}-{self.method_name}"
+        return Path(self.output_dir) if self.output_dir is not None else Path("runs") / f"{self.task}-{self.method_label}"
 
     def to_dict(self) -> dict:
         """JSON-ready; the generation settings only for the task that generates."""

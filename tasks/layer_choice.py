@@ -19,7 +19,7 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -116,13 +116,20 @@ def lens_gains(gpt: GPT2Model, examples: Sequence[Example], device) -> list[floa
     return [before - after for before, after in zip(mean, mean[1:])]
 
 
-@torch.no_grad()
 def choose_layers(task: Task, gpt: GPT2Model, splits: dict, k: int, seed: int, device, batch_size: int = 32) -> LayerChoice:
     """Scores every layer of the frozen `gpt` for `task` on (samples of) `splits` and picks the k best (ties: the
     lower layer)."""
+    return choose_layer_sets(task, gpt, splits, [k], seed, device, batch_size)[0]
+
+
+@torch.no_grad()
+def choose_layer_sets(task: Task, gpt: GPT2Model, splits: dict, ks: Sequence[int], seed: int, device,
+                      batch_size: int = 32) -> list[LayerChoice]:
+    """choose_layers for each K of `ks` from one scoring pass: the layers' scores do not depend on K."""
     n_layer = len(gpt.h)
-    if k > n_layer:
-        raise ValueError(f"--layers auto:{k}: the model has only {n_layer} layers")
+    for k in ks:
+        if k > n_layer:
+            raise ValueError(f"--layers auto:{k}: the model has only {n_layer} layers")
     was_training = gpt.training
     gpt.eval()  # no dropout: the scores must not depend on the draw
     try:
@@ -145,20 +152,20 @@ def choose_layers(task: Task, gpt: GPT2Model, splits: dict, k: int, seed: int, d
     finally:
         gpt.train(was_training)
     ranked = sorted(range(n_layer), key=lambda layer: (-scores[layer], layer))
-    return LayerChoice(criterion, scores, sorted(ranked[:k]), counts)
+    return [LayerChoice(criterion, scores, sorted(ranked[:k]), counts) for k in ks]
 
 
 def resolve_auto_layers(task: Task, gpt: GPT2Model, splits: dict, method: MethodConfig | list[MethodConfig],
-                        seed: int, device, batch_size: int) -> tuple[MethodConfig | list[MethodConfig], Optional[LayerChoice]]:
-    """The method (or each part of a combination) with `layers: auto:K` replaced by the chosen layers, and the
-    choice (None for fixed layers; parts asking for the same K share one choice, the first is returned)."""
-    parts, choices = [], {}
-    for part in method_parts(method):
-        k = auto_layer_count(part.layers)
-        if k is not None and k not in choices:
-            choices[k] = choose_layers(task, gpt, splits, k, seed, device, batch_size)
-        parts.append(part if k is None else MethodConfig.from_dict({**part.to_dict(), "layers": choices[k].chosen}))
-    return (parts[0] if len(parts) == 1 else parts), next(iter(choices.values()), None)
+                        seed: int, device, batch_size: int) -> tuple[MethodConfig | list[MethodConfig], list[LayerChoice]]:
+    """The method (or each part of a combination) with `layers: auto:K` replaced by the chosen layers, and one
+    choice per K asked for, in the order the parts ask (none for fixed layers). Parts asking for the same K share
+    its choice; the layers are scored once, whatever the Ks."""
+    ks = list(dict.fromkeys(k for k in map(auto_layer_count, (p.layers for p in method_parts(method))) if k is not None))
+    choices = dict(zip(ks, choose_layer_sets(task, gpt, splits, ks, seed, device, batch_size) if ks else []))
+    parts = [part if auto_layer_count(part.layers) is None else
+             MethodConfig.from_dict({**part.to_dict(), "layers": choices[auto_layer_count(part.layers)].chosen})
+             for part in method_parts(method)]
+    return (parts[0] if len(parts) == 1 else parts), list(choices.values())
 
 
 def plot_layer_scores(path: Path, choice: LayerChoice, title: str) -> bool:

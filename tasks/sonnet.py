@@ -125,7 +125,7 @@ class SonnetTask(Task):
 
     def prediction_path(self, config: TrainConfig, split: str) -> Path:
         suffix = "-dev" if split == "dev" else ""
-        return Path(config.predictions_dir) / f"{config.method_name}-generated-sonnets{suffix}.txt"
+        return Path(config.predictions_dir) / f"{config.method_label}-generated-sonnets{suffix}.txt"
 
     def write_predictions(self, path: Path, examples: Sequence[Example], predictions: list) -> None:
         write_sonnets(path, [Sonnet(int(e.id), text) for e, text in zip(examples, predictions)])

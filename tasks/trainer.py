@@ -208,7 +208,7 @@ class Trainer:
         self.progress = Progress()
         self.status = "running"
         self.latest_dev = None  # (epoch, predictions, seconds) of the newest dev evaluation in this process
-        self.layer_choice, self.layer_plot = None, None  # --layers auto:K (tasks/layer_choice.py)
+        self.layer_choices, self.layer_plot = [], None  # --layers auto:K, one per K asked (tasks/layer_choice.py)
         self.lock = ckpt.RunLock(self.run_dir)
         self.cache = None  # the frozen part's cache (tasks/feature_cache.py), when the method leaves one to keep
         self.step_log = None  # rank 0's StepLog (tasks/run_log.py), from setup on
@@ -248,8 +248,8 @@ class Trainer:
                 self.say(f"  {self.run_dir} has no checkpoint yet (the run stopped before its first one): starting "
                          "it again from the beginning")
             ckpt.clear_run_dir(self.run_dir)
-        if self.layer_choice is not None:
-            self.report_layer_choice()
+        if self.layer_choices:
+            self.report_layer_choices()
         self.dist.barrier()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.cache = feature_cache.attach(self.model, self.gpt, config.cache, config.cache_memory, self.run_dir, self.say)
@@ -295,21 +295,23 @@ class Trainer:
             gpt.set_dropout(config.dropout)
         self.gpt = gpt
         self.load_data()  # before the method: --layers auto:K probes the frozen model on the data
-        method, self.layer_choice = resolve_auto_layers(self.task, gpt, self.splits, config.method, config.seed,
+        method, self.layer_choices = resolve_auto_layers(self.task, gpt, self.splits, config.method, config.seed,
                                                         self.device, config.eval_batch_size)
         apply_method(gpt, method, tokenizer=self.tokenizer)  # the tokenizer turns text options into ids
         self.model = self.task.build_model(gpt, self.tokenizer).to(self.device)
         self.gpt = gpt.set_precision(self.precision)
 
-    def report_layer_choice(self) -> None:
-        choice = self.layer_choice
-        asked = f"auto:{len(choice.chosen)}"  # what --layers said (a combination's parts may each have said it)
-        self.say(f"  --layers {asked}: layers {', '.join(map(str, choice.chosen))} by "
-                 f"{choice.criterion} ({', '.join(f'{score:.3g}' for score in choice.scores)} for layers 0..)")
+    def report_layer_choices(self) -> None:
+        """One line per K asked for (a combination's parts may each ask their own), from one set of scores."""
+        for choice in self.layer_choices:
+            self.say(f"  --layers auto:{len(choice.chosen)}: layers {', '.join(map(str, choice.chosen))} by "
+                     f"{choice.criterion} ({', '.join(f'{score:.3g}' for score in choice.scores)} for layers 0..)")
         if self.dist.is_main:
             path = self.run_dir / "layer_scores.png"
+            asked = ", ".join(f"auto:{len(choice.chosen)}" for choice in self.layer_choices)
             title = f"{self.task.name}, {self.config.model}: layer scores for --layers {asked}"
-            if plot_layer_scores(path, choice, title):
+            widest = max(self.layer_choices, key=lambda choice: len(choice.chosen))  # holds every other K's layers
+            if plot_layer_scores(path, widest, title):
                 self.layer_plot = str(path)
 
     def load_data(self) -> None:
@@ -399,8 +401,9 @@ class Trainer:
                "best_dev_metric": self.best.metric, "metric": self.task.metric, "epochs": self.history}
         if self.cache is not None:
             log["cache"] = self.cache.stats()
-        if self.layer_choice is not None:
-            log["layer_choice"] = {**self.layer_choice.to_dict(), "plot": self.layer_plot}
+        if self.layer_choices:  # the first K asked; chosen_by_k has every K's layers
+            log["layer_choice"] = {**self.layer_choices[0].to_dict(), "plot": self.layer_plot,
+                                   "chosen_by_k": {str(len(c.chosen)): c.chosen for c in self.layer_choices}}
         if final is not None:
             log["final"] = final
         atomic_save(lambda temp: Path(temp).write_text(json.dumps(log, indent=2) + "\n"), self.run_dir / "log.json")

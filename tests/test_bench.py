@@ -162,3 +162,39 @@ def test_pretrain_compare_runs_end_to_end_and_a_rerun_reuses_every_case(tmp_path
     assert {path.name: path.read_text() for path in (work / "memorise").iterdir()} == kept
     with pytest.raises(SystemExit, match="other settings"):
         pretrain_compare.main([a if a != "2" else "3" for a in argv] + ["--skip", "compare"])
+
+
+@pytest.mark.parametrize("method, per_layer", [("loreft", 2 * 4 * 32 + 4), ("noreft", 2 * 4 * 32 + 4),
+                                               ("consreft", 4 * 32 + 4), ("lobireft", 4 * 32 + 4),
+                                               ("direft", 2 * 4 * 32 + 4), ("nodireft", 2 * 4 * 32 + 4)])
+def test_our_side_of_each_reft_step_case_trains_what_pyreft_s_intervention_holds(tmp_path, method, per_layer):
+    """The counts pyreft's <Kind>Intervention(embed_dim, low_rank_dimension=4, add_bias=False) holds per layer
+    (rotation or projection r x d, learned source r x d + r, or the source bias alone for consreft and lobireft):
+    both sides train the same parameters, so the step ratio is like for like."""
+    import torch
+
+    from models.config import GPT2Config
+    from models.gpt2 import GPT2Model
+
+    ours = bench_module("ours")
+    torch.manual_seed(0)
+    GPT2Model(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64,
+                         vocab_size=ours.common.VOCAB_SIZE)).save_pretrained(tmp_path / "weights")
+    case = ours.train_step_case(str(tmp_path / "weights"), method, precision="fp32")
+    head = 5 * 32 + 5
+    assert case.info["trainable_parameters"] == 2 * per_layer + head and case.info["parameters_without_gradient"] == 0
+    assert case.info["last_token_path"] == "gradients for the last 1 tokens only"
+    assert case.step() == 8 * 64
+    assert f"step_{method}" in {p["name"] for p in bench_run.comparisons("weights", {"step"})}
+
+
+def test_each_reft_step_case_gets_its_ratio_against_pyreft_and_the_last_position_flop_floor():
+    step = {"ours": {"units_per_s_median": 300.0}, "peer": {"units_per_s_median": 200.0}}
+    results = {"figures": {"step_consreft": step, "step_lora": step}, "sst": {},
+               "matmul_peak": {"bf16": {"flops_per_s": 1e12, "per_shape": {"a": 1}}}, "machine": {"best_precision": "bf16"}}
+    report.derive(results)
+    assert results["ratios"]["consreft_step_vs_pyreft"] == pytest.approx(1.5)
+    assert results["ratios"]["nodireft_step_vs_pyreft"] is None  # not measured
+    ours_flops, peer_flops = (report.step_flops_per_token("consreft", side) for side in ("ours", "peer"))
+    assert ours_flops < peer_flops == report.step_flops_per_token("lora", "peer")  # no gradients before the last token
+    assert results["mfu"]["step_consreft_mfu_ours"] == pytest.approx(300 * ours_flops / 1e12)

@@ -3,6 +3,7 @@ task) and problems the user can fix reported as one clear line."""
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 
@@ -87,6 +88,36 @@ def test_the_seed_range_is_the_one_torchs_generators_accept():
         with pytest.raises(ValueError, match=f"seed must be an integer from -2\\*\\*63 to 2\\*\\*64 - 1 .*got {seed}"):
             TrainConfig("sst", seed=seed)
     torch.manual_seed(0)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"epochs": "3"}, "epochs must be int, got '3' (str)"),
+    ({"lr": "1e-3"}, "lr must be float (or unset), got '1e-3' (str)"),
+    ({"batch_size": 8.0, "resume": 1}, "batch_size must be int, got 8.0 (float); resume must be bool, got 1 (int)"),
+    ({"epochs": True}, "epochs must be int, got True (bool)"),
+    ({"data_dir": None}, "data_dir must be str, got None (NoneType)"),
+    ({"task": "imdb"}, "unknown task 'imdb'; choose one of sst, cfimdb, quora, sonnet"),
+])
+def test_a_config_built_in_code_names_the_field_of_the_wrong_type(fields, message):
+    """Not a TypeError from a comparison deep in the checks, or a failure after the model has loaded."""
+    from tasks.config import TrainConfig
+
+    fields = {"task": "sst", **fields}
+    with pytest.raises(ValueError) as error:
+        TrainConfig(**fields)
+    assert str(error.value) == message
+
+
+def test_a_config_takes_paths_and_numbers_of_any_numeric_type(tmp_path):
+    import numpy as np
+
+    from tasks.config import TrainConfig
+
+    config = TrainConfig("sst", data_dir=tmp_path, output_dir=tmp_path / "run", lr=1, epochs=np.int64(2),
+                         warmup_ratio=np.float32(0.5))
+    assert config.data_dir == str(tmp_path) and config.output_dir == str(tmp_path / "run")  # stored as str: JSON
+    assert json.loads(json.dumps(config.to_dict()))["data_dir"] == str(tmp_path)
+    assert config.learning_rate == 1 and config.epochs == 2
 
 
 def test_an_id_the_prediction_files_cannot_hold_is_found_when_the_dev_file_is_read(tmp_path, task_files, monkeypatch):

@@ -265,21 +265,29 @@ def test_generation_cache_equals_no_cache_and_merging_folds_only_the_weight_part
 
 
 def test_auto_layers_are_chosen_once_for_the_parts_that_ask(monkeypatch):
-    """--layers auto:K given once reaches every part; the parts asking for the same K share one choice."""
+    """--layers auto:K given once reaches every part; the parts asking for the same K share one choice, and
+    parts asking for different Ks get theirs from one scoring pass."""
     import tasks.layer_choice as layer_choice
 
     calls = []
 
-    def choose(task, gpt, splits, k, seed, device, batch_size):
-        calls.append(k)
-        return layer_choice.LayerChoice("test", [0.0, 1.0], [1], {})
+    def choose(task, gpt, splits, ks, seed, device, batch_size):
+        calls.append(list(ks))
+        return [layer_choice.LayerChoice("test", [0.0, 2.0, 1.0], [1, 2][:k], {}) for k in ks]
 
-    monkeypatch.setattr(layer_choice, "choose_layers", choose)
+    monkeypatch.setattr(layer_choice, "choose_layer_sets", choose)
     parts = [MethodConfig("lora", layers="auto:1"), MethodConfig("loreft", layers="auto:1", name="loreft"),
              MethodConfig("noreft", layers=[0], name="noreft")]
-    resolved, choice = layer_choice.resolve_auto_layers(None, None, {}, parts, 0, "cpu", 8)
-    assert [part.layers for part in resolved] == [[1], [1], [0]] and calls == [1] and choice.chosen == [1]
+    resolved, choices = layer_choice.resolve_auto_layers(None, None, {}, parts, 0, "cpu", 8)
+    assert [part.layers for part in resolved] == [[1], [1], [0]] and calls == [[1]] and [c.chosen for c in choices] == [[1]]
     assert resolved[1] == MethodConfig("loreft", layers=[1], name="loreft")
+    parts[2] = MethodConfig("noreft", layers="auto:2", name="noreft")
+    calls.clear()
+    resolved, choices = layer_choice.resolve_auto_layers(None, None, {}, parts, 0, "cpu", 8)
+    assert [part.layers for part in resolved] == [[1], [1], [1, 2]] and calls == [[1, 2]]
+    assert [c.chosen for c in choices] == [[1], [1, 2]]
+    fixed = MethodConfig("lora", layers=[0])
+    assert layer_choice.resolve_auto_layers(None, None, {}, fixed, 0, "cpu", 8) == (fixed, [])
 
 
 # ----------------------------------------------------------------------------------------------- command line
@@ -292,6 +300,9 @@ def test_command_line_gives_each_part_its_options():
     config = parse_args("sst", ["--method", "loreft:early+loreft:late", "--layers", "0", "--late.layers", "1"])
     assert config.method == [MethodConfig("loreft", layers=[0], name="early"), MethodConfig("loreft", layers=[1], name="late")]
     assert config.method_name == "loreft:early+loreft:late"
+    # In paths a part's ':' is '-' (Windows allows no ':' in a file name).
+    assert str(config.run_dir) == "runs/sst-loreft-early+loreft-late"
+    assert get_task("sst").prediction_path(config, "dev").name == "loreft-early+loreft-late-sst-dev-out.csv"
     assert method_from_json(json.loads(json.dumps(config.to_dict()["method"]))) == config.method
     assert parse_args("sst", ["--method", "loreft:mine"]).method == MethodConfig("loreft", name="mine")
 

@@ -369,6 +369,8 @@ def test_the_reft_family_compares_in_one_table(tmp_path, task_files, capsys):
 @pytest.mark.parametrize("variants, extra, message", [
     (["lora", "nope"], [], "argument --variants: variant 'nope': unknown method 'nope'"),
     (["lora", "lora"], [], "each variant needs its own name: lora given more than once"),
+    (["loreft:late", "loreft-late=loreft --rank 2"], [],
+     "each variant needs its own run directory: loreft:late and loreft-late would both write loreft-late/"),
     (["lora --rank 2"], [], "needs a name"),
     ([], ["--methods", "lora,lora"], "list each method once"),
     ([], ["--methods", "lora,nope"], "argument --methods: unknown method 'nope'"),

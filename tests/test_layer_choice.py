@@ -118,6 +118,19 @@ def test_auto_layers_go_through_training_into_the_log_and_the_adapter(tmp_path, 
     assert [m.layers for m in applied_methods(reloaded.gpt)] == [choice["chosen"]]
 
 
+def test_parts_asking_for_different_ks_each_get_their_own_layers_and_line(tmp_path, task_files):
+    args = base_args(tmp_path, task_files, method="lora+loreft", layers="auto:1", max_train_examples=16,
+                     max_eval_examples=8) + ["--loreft.layers", "auto:2"]
+    code, out, err = run_script("sentiment", args)
+    assert code == 0, err
+    log = json.loads((tmp_path / "run" / "log.json").read_text())
+    choice = log["layer_choice"]
+    assert choice["chosen_by_k"] == {"1": choice["chosen"], "2": [0, 1]} and len(choice["chosen"]) == 1
+    assert [line.split(":")[1] for line in out.splitlines() if "--layers auto:" in line] == ["1", "2"]
+    adapter = json.loads((tmp_path / "run" / "best" / "adapter_config.json").read_text())
+    assert [m["layers"] for m in adapter["methods"]] == [choice["chosen"], [0, 1]]
+
+
 def test_auto_layer_errors(tmp_path, task_files):
     code, _, err = run_script("sentiment", base_args(tmp_path, task_files, layers="auto:0"))
     assert code == 2 and "--layers must be layer indices or auto:K with K >= 1, got 'auto:0'" in err
