@@ -5,7 +5,9 @@
 """
 from __future__ import annotations
 
-TASK_NAMES = ("sst", "cfimdb", "quora", "sonnet")
+from data.readers import TASK_FILES
+
+TASK_NAMES = tuple(TASK_FILES)  # sst, cfimdb, quora, sonnet: the tasks whose data files data/readers.py knows
 
 
 def get_task(name: str):

@@ -10,12 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
-from data.readers import default_paths
+from data.readers import TASK_FILES, default_paths
 from models.gpt2 import PRECISION_CHOICES
 from models.methods import MethodConfig, combination_name, method_from_json, method_parts, method_to_json
 from models.registry import path_label
 from models.peft import check_combination
-from tasks import TASK_NAMES
 
 GENERATION_FIELDS = ("temperature", "top_p", "max_new_tokens")  # used by the sonnet task only
 SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.manual_seed and torch.Generator.manual_seed accept
@@ -132,8 +131,8 @@ class TrainConfig:
 
     def __post_init__(self):
         problems = type_problems(self)
-        if self.task not in TASK_NAMES and not problems:
-            problems.append(f"unknown task {self.task!r}; choose one of {', '.join(TASK_NAMES)}")
+        if self.task not in TASK_FILES and not problems:
+            problems.append(f"unknown task {self.task!r}; choose one of {', '.join(TASK_FILES)}")
         if problems:  # before the checks below, which compare values of these types
             raise ValueError("; ".join(problems))
         self.method = method_from_json(self.method)
