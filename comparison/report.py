@@ -1,6 +1,6 @@
 """The comparison's outputs: one row per variant (statistics over its seeds), written as comparison.csv / .json /
 .md, and three plots. A variant keeps its colour and marker in every plot and every comparison: both derive
-from a hash of its name."""
+from a hash of its name, and only a clash with another variant of the same comparison moves it (styles)."""
 from __future__ import annotations
 
 import csv
@@ -29,6 +29,27 @@ def style(name: str) -> tuple[str, str]:
     """(colour, marker) of a variant, the same wherever its name appears."""
     h = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big")
     return PALETTE[h % len(PALETTE)], MARKERS[(h // len(PALETTE)) % len(MARKERS)]
+
+
+def styles(names) -> dict[str, tuple[str, str]]:
+    """style() of each name, except that within one comparison no two variants share a colour while the palette
+    lasts, nor a (colour, marker) pair while there are pairs: a clashing name moves to the next free colour (then
+    marker), names taken in sorted order, so the same set of variants always gets the same styles."""
+    out, colours = {}, set()
+    for name in sorted(set(names)):
+        colour, marker = style(name)
+        if colour in colours and len(colours) < len(PALETTE):
+            start = PALETTE.index(colour)
+            colour = next(c for c in (PALETTE[(start + i) % len(PALETTE)] for i in range(len(PALETTE))) if c not in colours)
+        pairs = set(out.values())
+        for step in range(len(MARKERS)):
+            candidate = MARKERS[(MARKERS.index(marker) + step) % len(MARKERS)]
+            if (colour, candidate) not in pairs:
+                marker = candidate
+                break
+        colours.add(colour)
+        out[name] = (colour, marker)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- formatting
@@ -233,8 +254,9 @@ def plot_against(path: Path, rows: list[dict], settings: dict, x_key: str, xlabe
     if not points:
         return False
     figure, ax = figure_and_axes()
+    looks = styles([v["name"] for v in settings["variants"]] + [r["variant"] for r in points])
     for r in points:
-        colour, marker = style(r["variant"])
+        colour, marker = looks[r["variant"]]
         ax.errorbar(r[x_key], r[f"{key}_mean"], yerr=error_bars(r, key, metric_range(metric)), xerr=x_range(r) if x_range else None,
                     fmt=marker, color=colour, markersize=8, capsize=4, label=r["variant"])
     seeds = max(r["seeds"] for r in points)
@@ -252,6 +274,7 @@ def plot_learning_curves(path: Path, entries: list[dict], settings: dict) -> boo
     metric = settings["metric"]
     figure, ax = figure_and_axes()
     drawn, count = False, len(settings["variants"])
+    looks = styles(v["name"] for v in settings["variants"])
     for index, variant in enumerate(settings["variants"]):
         by_epoch: dict[int, list[float]] = {}
         for e in entries:
@@ -264,7 +287,7 @@ def plot_learning_curves(path: Path, entries: list[dict], settings: dict) -> boo
         epochs = sorted(by_epoch)
         means = [statistics.fmean(by_epoch[k]) for k in epochs]
         stds = [statistics.stdev(by_epoch[k]) if len(by_epoch[k]) > 1 else 0.0 for k in epochs]
-        colour, marker = style(variant["name"])
+        colour, marker = looks[variant["name"]]
         dodge = 0.12 * (index - (count - 1) / 2) / max(count - 1, 1)  # keeps the bars of one epoch apart
         ax.errorbar([k + dodge for k in epochs], means, yerr=stds, fmt="-" + marker, color=colour, markersize=6, capsize=3,
                     label=variant["name"])

@@ -126,6 +126,21 @@ def test_a_variant_keeps_its_style_in_every_comparison():
     assert len({style(f"v{i}") for i in range(20)}) > 10
 
 
+def test_variants_of_one_comparison_never_share_a_colour_while_the_palette_lasts():
+    from comparison.report import MARKERS, PALETTE, styles
+
+    names = [f"v{i}" for i in range(40)]
+    clashing = next((a, b) for a in names for b in names if a < b and style(a)[0] == style(b)[0])
+    looks = styles(clashing)
+    assert looks[clashing[0]] == style(clashing[0]) and looks[clashing[1]][0] != style(clashing[0])[0]
+    assert styles(reversed(clashing)) == looks  # the same set, the same styles, whatever the order
+    ten = styles(names[:len(PALETTE)])
+    assert len({colour for colour, _ in ten.values()}) == len(PALETTE)
+    many = styles(names)  # more variants than colours: colours repeat, (colour, marker) pairs do not
+    assert len(set(many.values())) == len(names) <= len(PALETTE) * len(MARKERS)
+    assert styles(["lora", "loreft"]) == {"lora": style("lora"), "loreft": style("loreft")}  # no clash: unmoved
+
+
 def test_variant_flags_go_to_their_runs_and_shared_flags_to_all(tmp_path, task_files):
     args, runs = parse_command(compare_args(
         tmp_path, task_files, ["full", "lora", "lr=loreft --positions l1", "auto=loreft --layers auto:1"], "--rank", "2",
