@@ -49,8 +49,8 @@ def type_problems(config) -> list[str]:
     dict, Optional[...]): code building a TrainConfig by hand gets the field named, not a TypeError from deep in
     a comparison. What passes is stored as the plain type (a Path given for data_dir as str, numpy's numbers as
     int or float), so the config stays JSON."""
-    problems = []
-    for f, hint in ((f, typing.get_type_hints(type(config))[f.name]) for f in dataclasses.fields(config)):
+    problems, hints = [], typing.get_type_hints(type(config))
+    for f, hint in ((f, hints[f.name]) for f in dataclasses.fields(config)):
         allowed = [t for t in (typing.get_args(hint) or (hint,)) if t in FIELD_TYPES]
         if not allowed:  # a field of another kind (the method) checks itself
             continue
