@@ -57,12 +57,14 @@ def flat_linears(model: nn.Module) -> None:
 ROW_CHUNK = 512
 
 
-def row_chunked_linears(model: nn.Module) -> None:
-    """F.linear over at most ROW_CHUNK rows at a time. On the AMX Xeon, oneDNN runs the projections to 768
-    outputs (attention and FFN output) at half speed from about 768 to 1,280 rows (the forward case has 1,024):
-    each row's output is the same product, only the kernel oneDNN picks changes."""
+def row_chunked_linears(model: nn.Module, only_to_width: bool = False) -> None:
+    """F.linear over at most ROW_CHUNK rows at a time (`only_to_width`: only the projections back to the model's
+    width, the attention's and the FFN's output ones). On the AMX Xeon, oneDNN runs the projections to 768
+    outputs at about half speed from ~768 to ~1,280 rows (the forward case has 1,024) and the wider ones at full
+    speed: each row's output is the same product, only the kernel oneDNN picks changes."""
+    width = getattr(getattr(model, "config", None), "n_embd", None)
     for module in model.modules():
-        if type(module) is nn.Linear:
+        if type(module) is nn.Linear and (not only_to_width or module.out_features == width):
             def forward(self, x):
                 flat = x.reshape(-1, x.shape[-1])
                 out = torch.cat([F.linear(rows, self.weight, self.bias) for rows in flat.split(ROW_CHUNK)])
@@ -121,6 +123,7 @@ PATCHES = {
     "as-is": [],
     "flat-linear": [flat_linears],
     "row-chunks": [row_chunked_linears],
+    "row-chunks-to-width": [lambda model: row_chunked_linears(model, only_to_width=True)],
     "addmm-Wt": [flat_addmm_linears],
     "no-dropout": [no_dropout],
     "addmm-Wt+no-dropout": [flat_addmm_linears, no_dropout],
