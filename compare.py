@@ -47,7 +47,7 @@ from models.methods import flag_options, get_method, method_names, parse_combina
 from tasks import TASK_NAMES, get_task
 from tasks import checkpoint as ckpt
 from tasks.cli import SCRIPTS, build_parser, config_from_args, method_config_from_args, option_dest, script_of
-from tasks.config import TrainConfig
+from tasks.config import TrainConfig, labelled_directory
 from tasks.trainer import TrainingDiverged, run_training
 
 # What every variant shares, or the comparison would not be fair: a variant's own flags may not change these.
@@ -171,7 +171,7 @@ def parse_command(argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, li
                 setattr(ns, option_dest(option), None)  # a shared flag meant for the other variants
         # A shared --PART.FLAG goes to the variants that have that part (--loreft.rank: loreft, lora+loreft, ...).
         ns.part_flags = [flag for flag in ns.part_flags if flag in own_flags.part_flags or flag[0] in parts[v.name]]
-        ns.method, ns.output_dir, ns.predictions_dir = v.method, str(args.output_dir / v.directory), "predictions"
+        ns.method, ns.output_dir, ns.predictions_dir = v.method, str(labelled_directory(args.output_dir, v.name)), "predictions"
         try:
             method_config_from_args(ns)
         except ValueError as error:
@@ -189,7 +189,7 @@ def parse_command(argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, li
     runs = []
     for v in variants:
         for seed in args.seeds:
-            run_dir = args.output_dir / v.directory / f"seed-{seed}"
+            run_dir = labelled_directory(args.output_dir, v.name) / f"seed-{seed}"
             runs.append(Run(v, seed, dataclasses.replace(configs[v.name], seed=seed, output_dir=str(run_dir),
                                                           predictions_dir=str(run_dir / "predictions"))))
     if first.resume:

@@ -33,22 +33,19 @@ def style(name: str) -> tuple[str, str]:
 
 def styles(names) -> dict[str, tuple[str, str]]:
     """style() of each name, except that within one comparison no two variants share a colour while the palette
-    lasts, nor a (colour, marker) pair while there are pairs: a clashing name moves to the next free colour (then
-    marker), names taken in sorted order, so the same set of variants always gets the same styles."""
-    out, colours = {}, set()
+    lasts, nor a (colour, marker) pair while there are pairs: a clashing name moves to the next free colour (once
+    the colours are all taken, to the next free pair: its colour's other markers first), names taken in sorted
+    order, so the same set of variants always gets the same styles."""
+    out = {}
     for name in sorted(set(names)):
         colour, marker = style(name)
-        if colour in colours and len(colours) < len(PALETTE):
-            start = PALETTE.index(colour)
-            colour = next(c for c in (PALETTE[(start + i) % len(PALETTE)] for i in range(len(PALETTE))) if c not in colours)
-        pairs = set(out.values())
-        for step in range(len(MARKERS)):
-            candidate = MARKERS[(MARKERS.index(marker) + step) % len(MARKERS)]
-            if (colour, candidate) not in pairs:
-                marker = candidate
-                break
-        colours.add(colour)
-        out[name] = (colour, marker)
+        first_colour, first_marker = PALETTE.index(colour), MARKERS.index(marker)
+        candidates = [(PALETTE[(first_colour + i) % len(PALETTE)], MARKERS[(first_marker + j) % len(MARKERS)])
+                      for i in range(len(PALETTE)) for j in range(len(MARKERS))]
+        used_colours, used_pairs = {c for c, _ in out.values()}, set(out.values())
+        free = (lambda pair: pair[0] not in used_colours) if len(used_colours) < len(PALETTE) else \
+            (lambda pair: pair not in used_pairs)
+        out[name] = next(filter(free, candidates), (colour, marker))
     return out
 
 

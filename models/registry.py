@@ -264,7 +264,8 @@ def combination_name(method: "MethodConfig | list[MethodConfig]") -> str:
 def path_label(name: str) -> str:
     """A method, combination or variant name as a file or directory name: ':' (before a part's adapter name) is not
     allowed in Windows file names and reads as a drive or a volume elsewhere, so it becomes '-'
-    (runs/sst-loreft-early+loreft-late). No stacking method's name holds a '-', so the label stays unambiguous."""
+    (runs/sst-loreft-early+loreft-late). No built-in stacking method's name holds a '-', so their labels stay
+    unambiguous; compare.py refuses two variants whose labels meet."""
     return name.replace(NAMED, "-")
 
 

@@ -47,8 +47,9 @@ def seed_problem(seed) -> Optional[str]:
 def type_problems(config) -> list[str]:
     """What is of the wrong type among a dataclass's fields, judged by their annotations (int, float, str, bool,
     dict, Optional[...]): code building a TrainConfig by hand gets the field named, not a TypeError from deep in
-    a comparison. What passes is stored as the plain type (a Path given for data_dir as str, numpy's numbers as
-    int or float), so the config stays JSON."""
+    a comparison. What passes is stored as the plain type (a Path given for data_dir as str, also as a value of
+    data_files; numpy's numbers and bools as int, float or bool; a whole float such as 2e9 bytes as int), so the
+    config stays JSON."""
     problems, hints = [], typing.get_type_hints(type(config))
     for f, hint in ((f, hints[f.name]) for f in dataclasses.fields(config)):
         allowed = [t for t in (typing.get_args(hint) or (hint,)) if t in FIELD_TYPES]
@@ -61,16 +62,34 @@ def type_problems(config) -> list[str]:
         if kind is None:
             names = " or ".join(t.__name__ for t in allowed) + (" (or unset)" if optional else "")
             problems.append(f"{f.name} must be {names}, got {value!r} ({type(value).__name__})")
-        elif kind is not dict:
+        elif kind is dict:  # data_files, prediction_files: split -> path
+            wrong = {k: v for k, v in value.items() if not FIELD_TYPES[str](v)}
+            if wrong:
+                problems.append(f"{f.name} must map splits to paths, got {wrong!r}")
+            else:
+                setattr(config, f.name, {k: os.fspath(v) for k, v in value.items()})
+        else:
             setattr(config, f.name, kind(os.fspath(value) if isinstance(value, os.PathLike) else value))
     return problems
 
 
-FIELD_TYPES = {  # annotation -> whether a value can be stored as it (bool is no int here, though Python makes it one)
-    int: lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool),
-    float: lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool),
+def labelled_directory(parent: Path, name: str) -> Path:
+    """parent / path_label(name): a run or variant directory named after a method or variant. Where only the
+    directory spelt with the name's ':' exists (written before paths spelt it '-'), that one, so that such a run
+    still resumes."""
+    labelled, verbatim = Path(parent) / path_label(name), Path(parent) / name
+    return verbatim if verbatim != labelled and verbatim.is_dir() and not labelled.exists() else labelled
+
+
+def is_bool(value) -> bool:
+    return isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"))
+
+
+FIELD_TYPES = {  # annotation -> whether a value can be stored as it (a bool is no int here, though Python makes it one)
+    int: lambda v: not is_bool(v) and (isinstance(v, numbers.Integral) or isinstance(v, float) and v.is_integer()),
+    float: lambda v: not is_bool(v) and isinstance(v, numbers.Real),
     str: lambda v: isinstance(v, (str, os.PathLike)),
-    bool: lambda v: isinstance(v, bool),
+    bool: is_bool,
     dict: lambda v: isinstance(v, dict),
 }
 
@@ -220,7 +239,9 @@ class TrainConfig:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.output_dir) if self.output_dir is not None else Path("runs") / f"{self.task}-{self.method_label}"
+        if self.output_dir is not None:
+            return Path(self.output_dir)
+        return labelled_directory(Path("runs"), f"{self.task}-{self.method_name}")
 
     def to_dict(self) -> dict:
         """JSON-ready; the generation settings only for the task that generates."""

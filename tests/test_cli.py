@@ -93,7 +93,8 @@ def test_the_seed_range_is_the_one_torchs_generators_accept():
 @pytest.mark.parametrize("fields, message", [
     ({"epochs": "3"}, "epochs must be int, got '3' (str)"),
     ({"lr": "1e-3"}, "lr must be float (or unset), got '1e-3' (str)"),
-    ({"batch_size": 8.0, "resume": 1}, "batch_size must be int, got 8.0 (float); resume must be bool, got 1 (int)"),
+    ({"batch_size": 8.5, "resume": 1}, "batch_size must be int, got 8.5 (float); resume must be bool, got 1 (int)"),
+    ({"data_files": {"train": 3}}, "data_files must map splits to paths, got {'train': 3}"),
     ({"epochs": True}, "epochs must be int, got True (bool)"),
     ({"data_dir": None}, "data_dir must be str, got None (NoneType)"),
     ({"task": "imdb"}, "unknown task 'imdb'; choose one of sst, cfimdb, quora, sonnet"),
@@ -114,10 +115,13 @@ def test_a_config_takes_paths_and_numbers_of_any_numeric_type(tmp_path):
     from tasks.config import TrainConfig
 
     config = TrainConfig("sst", data_dir=tmp_path, output_dir=tmp_path / "run", lr=1, epochs=np.int64(2),
-                         warmup_ratio=np.float32(0.5))
+                         warmup_ratio=np.float32(0.5), cache_memory=2e9, resume=np.bool_(True),
+                         data_files={"train": tmp_path / "train.csv"})
     assert config.data_dir == str(tmp_path) and config.output_dir == str(tmp_path / "run")  # stored as str: JSON
-    assert json.loads(json.dumps(config.to_dict()))["data_dir"] == str(tmp_path)
-    assert config.learning_rate == 1 and config.epochs == 2
+    saved = json.loads(json.dumps(config.to_dict()))
+    assert saved["data_dir"] == str(tmp_path) and saved["data_files"] == {"train": str(tmp_path / "train.csv")}
+    assert config.learning_rate == 1 and config.epochs == 2 and config.cache_memory == 2_000_000_000
+    assert type(config.cache_memory) is int and config.resume is True
 
 
 def test_an_id_the_prediction_files_cannot_hold_is_found_when_the_dev_file_is_read(tmp_path, task_files, monkeypatch):

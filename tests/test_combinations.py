@@ -303,6 +303,17 @@ def test_command_line_gives_each_part_its_options():
     # In paths a part's ':' is '-' (Windows allows no ':' in a file name).
     assert str(config.run_dir) == "runs/sst-loreft-early+loreft-late"
     assert get_task("sst").prediction_path(config, "dev").name == "loreft-early+loreft-late-sst-dev-out.csv"
+
+
+def test_a_run_directory_written_with_the_name_s_colon_is_still_found(tmp_path, monkeypatch):
+    """Runs of earlier versions kept the ':' in the directory name: --resume must find them."""
+    monkeypatch.chdir(tmp_path)
+    config = parse_args("sst", ["--method", "loreft:early+loreft:late"])
+    assert str(config.run_dir) == "runs/sst-loreft-early+loreft-late"
+    (tmp_path / "runs" / "sst-loreft:early+loreft:late").mkdir(parents=True)
+    assert str(config.run_dir) == "runs/sst-loreft:early+loreft:late"
+    (tmp_path / "runs" / "sst-loreft-early+loreft-late").mkdir()  # both: the new spelling wins
+    assert str(config.run_dir) == "runs/sst-loreft-early+loreft-late"
     assert method_from_json(json.loads(json.dumps(config.to_dict()["method"]))) == config.method
     assert parse_args("sst", ["--method", "loreft:mine"]).method == MethodConfig("loreft", name="mine")
 
