@@ -124,10 +124,10 @@ def check_unique(variants: list[Variant]) -> None:
     directories = {}
     for v in variants:
         directories.setdefault(v.directory, []).append(v.name)
-    shared = [names for names in directories.values() if len(names) > 1]
+    shared = {directory: names for directory, names in directories.items() if len(names) > 1}
     if shared:
         raise ValueError("each variant needs its own run directory: " + "; ".join(
-            f"{' and '.join(names)} would both write {path_label(names[0])}/" for names in shared))
+            f"{' and '.join(names)} would both write {directory}/" for directory, names in shared.items()))
 
 
 def seed_list(text: str, first_seed: int) -> list[int]:

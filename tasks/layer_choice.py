@@ -160,11 +160,11 @@ def resolve_auto_layers(task: Task, gpt: GPT2Model, splits: dict, method: Method
     """The method (or each part of a combination) with `layers: auto:K` replaced by the chosen layers, and one
     choice per K asked for, in the order the parts ask (none for fixed layers). Parts asking for the same K share
     its choice; the layers are scored once, whatever the Ks."""
-    ks = list(dict.fromkeys(k for k in map(auto_layer_count, (p.layers for p in method_parts(method))) if k is not None))
+    asked = [auto_layer_count(part.layers) for part in method_parts(method)]  # K, or None for fixed layers
+    ks = list(dict.fromkeys(k for k in asked if k is not None))
     choices = dict(zip(ks, choose_layer_sets(task, gpt, splits, ks, seed, device, batch_size) if ks else []))
-    parts = [part if auto_layer_count(part.layers) is None else
-             MethodConfig.from_dict({**part.to_dict(), "layers": choices[auto_layer_count(part.layers)].chosen})
-             for part in method_parts(method)]
+    parts = [part if k is None else MethodConfig.from_dict({**part.to_dict(), "layers": choices[k].chosen})
+             for part, k in zip(method_parts(method), asked)]
     return (parts[0] if len(parts) == 1 else parts), list(choices.values())
 
 
