@@ -195,7 +195,7 @@ class TrainConfig:
 
     @property
     def method_name(self) -> str:
-        """'lora', or 'lora+loreft' for a combination: how run directories, prediction files and logs name it."""
+        """'lora', or 'lora+loreft' for a combination: how logs and tables name it (paths: method_label)."""
         return combination_name(self.method)
 
     @property
